@@ -1,0 +1,61 @@
+"""The adapter interface: tensor roles in, a map W -> W' out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar
+
+from ..families import Layer
+from ..tensors import TensorData
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Exactness(str, Enum):
+    """How faithful a step is. Ordered from best to worst."""
+
+    IDENTICAL = "identical"  # bytes unchanged: only names, containers or shapes' bookkeeping change
+    EXACT = "exact"  # values change representation but not value (e.g. a power-of-two scale fold)
+    ROUNDED = "rounded"  # exact in real arithmetic, re-rounded; checked against a float64 reference
+    APPROXIMATE = "approximate"  # lossy (e.g. SVD rank reduction); only on request, error reported
+
+    @property
+    def rank(self) -> int:
+        return list(Exactness).index(self)
+
+    def worst(self, other: Exactness) -> Exactness:
+        return self if self.rank >= other.rank else other
+
+
+class Adapter(ABC):
+    """A change to one module. Subclasses are dataclasses of `TensorData` roles."""
+
+    algorithm: ClassVar[str]
+
+    @abstractmethod
+    def tensors(self) -> dict[str, TensorData]:
+        """Every tensor this adapter holds, by role (so nothing can be dropped unnoticed)."""
+
+    @abstractmethod
+    def features(self) -> frozenset[str]:
+        """What a target format must support to hold this adapter as it is (e.g. `lora.tucker`)."""
+
+    @abstractmethod
+    def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
+        """W' for a base weight W, computed in the dtype of `weight` (tests use float64)."""
+
+    @classmethod
+    @abstractmethod
+    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
+        """Why tensors of these shapes cannot adapt `layer`, or None. Works on the header alone."""
+
+    @abstractmethod
+    def check(self, layer: Layer, where: str) -> None:
+        """Raise `InvalidFileError` unless the tensors fit each other and the base layer."""
+
+    @property
+    def dtype(self) -> str:
+        """The storage dtype that sets how closely a re-rounded copy can match."""
+        return next(iter(self.tensors().values())).dtype

@@ -1,0 +1,108 @@
+"""LoRA / LoCon: W' = W + scale * up @ (mid) @ down, with Kohya's alpha semantics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import TYPE_CHECKING, ClassVar
+
+from ..errors import InvalidFileError
+from ..families import Layer
+from ..tensors import TensorData
+from .base import Adapter
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class LoRA(Adapter):
+    """Low-rank factors for Linear, 1x1 and kxk conv (down kxk, up 1x1), with optional Tucker `mid`.
+
+    `alpha` is the original per-module tensor (value and dtype kept for round trips); absent
+    means alpha = rank. A stored alpha of 0 also means rank, as in sd-scripts.
+    `rank_scaling` is "rank" (scale = alpha / r) or "sqrt_rank" (rsLoRA: alpha / sqrt(r)).
+    """
+
+    down: TensorData
+    up: TensorData
+    mid: TensorData | None = None
+    alpha: TensorData | None = None
+    rank_scaling: str = "rank"
+
+    algorithm: ClassVar[str] = "lora"
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def alpha_value(self) -> float:
+        value = self.alpha.scalar() if self.alpha is not None else 0.0
+        return value if value else float(self.rank)
+
+    @property
+    def scale(self) -> float:
+        """alpha / r (or alpha / sqrt(r)) in float64."""
+        divisor = float(self.rank) if self.rank_scaling == "rank" else float(self.rank) ** 0.5
+        return self.alpha_value / divisor
+
+    def tensors(self) -> dict[str, TensorData]:
+        roles = {"down": self.down, "up": self.up, "mid": self.mid, "alpha": self.alpha}
+        return {role: t for role, t in roles.items() if t is not None}
+
+    def features(self) -> frozenset[str]:
+        return frozenset({"lora", "lora.tucker"} if self.mid is not None else {"lora"})
+
+    @property
+    def dtype(self) -> str:
+        return self.up.dtype
+
+    def delta(self, layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """scale * up @ (mid) @ down, shaped like the layer's weight, in `dtype` (default float64)."""
+        import torch
+
+        dtype = dtype or torch.float64
+        up = self.up.to_torch().to(dtype).reshape(self.up.shape[0], -1)
+        down = self.down.to_torch().to(dtype)
+        if self.mid is not None:
+            down = torch.einsum(
+                "abhw,bi->aihw", self.mid.to_torch().to(dtype), down.reshape(down.shape[0], -1)
+            )
+        product = up @ down.reshape(down.shape[0], -1)
+        return (product * self.scale).reshape(layer.weight_shape)
+
+    def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
+        return weight + self.delta(layer, weight.dtype)
+
+    @classmethod
+    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
+        """Why factors of these shapes cannot belong to `layer` (None if they fit). Header-only."""
+        down, up, mid, alpha = (shapes.get(role) for role in ("down", "up", "mid", "alpha"))
+        if down is None or up is None:
+            return f"needs both down and up factors, has {sorted(shapes)}"
+        if layer.kind not in ("linear", "conv2d"):
+            return f"LoRA on a {layer.kind} layer is not a valid target"
+        kernel = tuple(layer.kernel) if layer.kind == "conv2d" else (1, 1)
+        r = down[0]
+        if r == 0 or len(down) not in (2, 4) or len(up) not in (2, 4):
+            return f"factor shapes down {list(down)}, up {list(up)} are not LoRA factors"
+        inner = mid[0] if mid is not None else r
+        if up[0] != layer.out_features or up[1] != inner or any(d != 1 for d in up[2:]):
+            return f"up {list(up)} does not fit {layer.out_features} outputs at rank {inner}"
+        expected_kernel = (1, 1) if mid is not None else kernel
+        if down[1] != layer.in_features or tuple(down[2:]) not in ((), expected_kernel):
+            return f"down {list(down)} does not fit {layer.in_features} inputs with kernel {list(kernel)}"
+        if len(down) == 2 and expected_kernel != (1, 1):
+            return f"2-D down {list(down)} on a {list(kernel)} conv"
+        if mid is not None and (len(mid) != 4 or mid[1] != r or tuple(mid[2:]) != kernel):
+            return f"mid {list(mid)} does not fit rank {r} and kernel {list(kernel)}"
+        if alpha is not None and prod(alpha) != 1:
+            return f"alpha must be a scalar, got shape {list(alpha)}"
+        return None
+
+    def check(self, layer: Layer, where: str) -> None:
+        """Raise `InvalidFileError` unless the factors fit each other and the base layer."""
+        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
+        if problem:
+            raise InvalidFileError(f"{where}: {problem}")

@@ -1,0 +1,223 @@
+"""From parsed keys to the canonical form: resolve names against families, check shapes, build adapters.
+
+Shared by every reader and by detection, so that "which family, which module" has one answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .adapters import ALGORITHMS
+from .canonical import AdapterSet, ModuleKey, Provenance
+from .errors import InvalidFileError, UnsupportedError
+from .families import CANONICAL, Component, Family
+from .formats import Format, ParsedFile, ParsedModule, ReadContext
+from .header import Header
+from .tensors import FileTensor, SourceFile
+
+#: Header entries loraformats itself writes; all live under this prefix.
+NOTE_PREFIX = "loraformats."
+STASH_KEY = "loraformats.stash"
+NAMINGS_KEY = "loraformats.namings"
+
+
+@dataclass
+class Match:
+    module: ParsedModule
+    component: Component
+    path: str
+    naming: str
+
+
+@dataclass
+class Resolution:
+    """How one family explains a parsed file."""
+
+    family: Family
+    matches: list[Match] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    misfit: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.matches) and not self.unknown and not self.misfit
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(self.matches)} of {len(self.matches) + len(self.unknown) + len(self.misfit)} modules fit"
+        ]
+        if self.unknown:
+            parts.append(f"unknown: {_examples(self.unknown)}")
+        if self.misfit:
+            parts.append(f"wrong shape: {_examples(self.misfit)}")
+        return "; ".join(parts)
+
+
+def _examples(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{shown} (+{len(items) - limit} more)" if len(items) > limit else shown
+
+
+def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
+    """Find each parsed module in `family` (by name, then by shape). Reads only the header."""
+    result = Resolution(family)
+    for module in parsed.modules:
+        shapes = {role: header.tensors[name].shape for role, name in module.tensors.items()}
+        algorithm = ALGORITHMS[module.algorithm]
+        found, problem = None, None
+        for component in family.find_components(module.hint):
+            for name in module.names:
+                hit = component.resolve_flat(name) if module.flat else component.resolve_dotted(name)
+                if hit is None:
+                    continue
+                problem = algorithm.shape_problem(shapes, component.modules[hit[0]])
+                if problem is None:
+                    found = Match(module, component, *hit)
+                    break
+            if found:
+                break
+        if found:
+            result.matches.append(found)
+        elif problem:
+            result.misfit.append(f"{module.key} ({problem})")
+        else:
+            result.unknown.append(module.key)
+    return result
+
+
+def choose_family(parsed: ParsedFile, header: Header, context: ReadContext) -> Resolution:
+    """The one family that explains every module, or a precise refusal."""
+    if context.family is not None:
+        if context.family not in context.families:
+            raise UnsupportedError(
+                f"unknown family {context.family!r} (known: {', '.join(context.families)})"
+            )
+        resolution = resolve(parsed, header, context.families[context.family])
+        if not resolution.fits:
+            raise UnsupportedError(
+                f"does not fit family {context.family}: {resolution.summary()}", path=header.path
+            )
+        return resolution
+    resolutions = [resolve(parsed, header, family) for family in context.families.values()]
+    fitting = [r for r in resolutions if r.fits]
+    if len(fitting) == 1:
+        return fitting[0]
+    if fitting:
+        names = ", ".join(r.family.name for r in fitting)
+        raise UnsupportedError(
+            f"family is ambiguous: every module fits each of {names}; pass --family", path=header.path
+        )
+    if not resolutions:
+        raise UnsupportedError("no model families are installed", path=header.path)
+    closest = max(resolutions, key=lambda r: len(r.matches))
+    raise UnsupportedError(
+        f"no installed family knows every module; closest is {closest.family.name}: {closest.summary()}",
+        path=header.path,
+    )
+
+
+def check_coverage(parsed: ParsedFile, header: Header) -> None:
+    """Every tensor must be claimed exactly once: nothing is dropped silently."""
+    if parsed.unsupported:
+        reasons = Counter(parsed.unsupported.values())
+        detail = "; ".join(f"{reason} ({count} tensors)" for reason, count in reasons.most_common(3))
+        first = next(iter(parsed.unsupported))
+        raise UnsupportedError(
+            f"cannot convert {len(parsed.unsupported)} tensors, e.g. {first!r}: {detail}", path=header.path
+        )
+    claimed = Counter(name for module in parsed.modules for name in module.tensors.values())
+    twice = [name for name, count in claimed.items() if count > 1]
+    missing = [name for name in header.tensors if name not in claimed]
+    if twice or missing:
+        raise UnsupportedError(f"tensors not understood: {_examples(missing or twice)}", path=header.path)
+
+
+def assemble(fmt: Format, header: Header, parsed: ParsedFile, context: ReadContext) -> AdapterSet:
+    check_coverage(parsed, header)
+    resolution = choose_family(parsed, header, context)
+    source = SourceFile(header.path)
+    modules: dict[ModuleKey, object] = {}
+    origin: dict[ModuleKey, str] = {}
+    flat_namings: dict[str, Counter] = {}
+    for match in resolution.matches:
+        key = (match.component.name, match.path)
+        if key in modules:
+            raise InvalidFileError(
+                f"{origin[key]} and {match.module.key} adapt the same module {key[1]}", path=header.path
+            )
+        roles = {
+            role: FileTensor(
+                source, header.data_start + header.tensors[name].start, *header.tensors[name][:2]
+            )
+            for role, name in match.module.tensors.items()
+        }
+        layer = match.component.modules[match.path]
+        extras = fmt.module_extras(header, match.component, match.path, roles)
+        adapter = ALGORITHMS[match.module.algorithm](**roles, **extras)
+        adapter.check(layer, match.module.key)
+        modules[key], origin[key] = adapter, match.module.key
+        if match.module.flat:
+            flat_namings.setdefault(match.component.name, Counter())[match.naming] += 1
+    namings = {}
+    for component, counts in flat_namings.items():
+        (naming, _), *others = counts.most_common()
+        if others:
+            context.warnings.append(f"{component} mixes namings {dict(counts)}; writing {naming} where asked")
+        namings[component] = naming
+    metadata = own_metadata(header.metadata)
+    for component, naming in _notes(header, NAMINGS_KEY).items():
+        if namings.get(component, CANONICAL) == CANONICAL and component in resolution.family.components:
+            namings[component] = naming
+    adapters = AdapterSet(
+        family=resolution.family,
+        modules=dict(sorted(modules.items(), key=_model_order(resolution.family))),
+        metadata=metadata,
+        provenance=Provenance(fmt.name, str(header.path), namings),
+        sources=[source],
+    )
+    fmt.finish_read(adapters, header, context)
+    return adapters
+
+
+def _model_order(family: Family):
+    """Sort key putting modules in model order (component order, then module table order)."""
+    rank = {(c, p): i for i, (c, p) in enumerate((c.name, p) for c, p, _ in family.iter_modules())}
+    return lambda item: rank[item[0]]
+
+
+def _notes(header: Header, key: str) -> dict:
+    try:
+        value = json.loads(header.metadata.get(key, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def own_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The source's metadata: our own notes removed, stashed foreign entries restored."""
+    result = {k: v for k, v in metadata.items() if not k.startswith(NOTE_PREFIX)}
+    try:
+        stash = json.loads(metadata.get(STASH_KEY, "{}"))
+    except json.JSONDecodeError:
+        stash = {}
+    if isinstance(stash, dict):
+        for key, value in stash.items():
+            if isinstance(value, str):
+                result.setdefault(key, value)
+    return result
+
+
+def stash_foreign(metadata: dict[str, str], target: Format, formats: Iterable[Format]) -> dict[str, str]:
+    """Move entries other formats own (and the target cannot honour) into `loraformats.stash`."""
+    foreign = {
+        key: value
+        for key, value in metadata.items()
+        if not target.owns(key) and any(f.owns(key) for f in formats if f.name != target.name)
+    }
+    result = {k: v for k, v in metadata.items() if k not in foreign}
+    if foreign:
+        result[STASH_KEY] = json.dumps(foreign, sort_keys=True)
+    return result

@@ -1,0 +1,149 @@
+"""The conversion pipeline: read -> lower -> encode -> write, reported step by step."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .adapters import Exactness
+from .assemble import stash_foreign
+from .canonical import AdapterSet
+from .errors import InvalidFileError, UsageError
+from .formats import Format, ReadContext
+from .header import Header, read_header
+from .planning import lower
+from .plugins import registry
+from .report import ConversionReport, Step
+from .writer import refuse_overwriting_inputs, write_safetensors
+
+PROVENANCE_VERSION = "1"
+
+
+def _format(name: str) -> Format:
+    return registry.get(registry.formats, name, "format")
+
+
+def sniff_format(header: Header) -> Format:
+    """The one format whose grammar explains every tensor name of the header."""
+    scored = sorted(((f.sniff(header), f) for f in registry.formats().values()), key=lambda p: -p[0].score)
+    complete = [f for evidence, f in scored if evidence.score >= 1.0]
+    if len(complete) == 1:
+        return complete[0]
+    if len(complete) > 1:
+        names = ", ".join(f.name for f in complete)
+        raise UsageError(f"format is ambiguous ({names}); pass --from", path=header.path)
+    best = ", ".join(f"{f.name} {e.score:.0%}" for e, f in scored[:3] if e.score > 0) or "no format matched"
+    raise UsageError(f"not a LoRA file in any installed format (best: {best})", path=header.path)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    family: str | None = None,
+    warnings: list[str] | None = None,
+) -> AdapterSet:
+    """Read a LoRA file into the canonical form (header validated, tensors read lazily)."""
+    header = read_header(path)
+    fmt = _format(format) if format else sniff_format(header)
+    context = ReadContext(families=registry.families(), family=family)
+    adapters = fmt.read(header, context)
+    if warnings is not None:
+        warnings.extend(context.warnings)
+    return adapters
+
+
+def _options(fmt: Format, options: dict[str, Any] | None) -> BaseModel | None:
+    if fmt.options_schema is None:
+        if options:
+            raise UsageError(f"{fmt.name} takes no options (got {', '.join(options)})")
+        return None
+    try:
+        return fmt.options_schema.model_validate(options or {}, strict=False)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"])
+        raise UsageError(f"option {where}: {problem['msg']}") from None
+
+
+def convert(
+    source: str | os.PathLike,
+    to: str,
+    output: str | os.PathLike | None = None,
+    *,
+    source_format: str | None = None,
+    family: str | None = None,
+    options: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    allow_lossy: bool = False,
+) -> ConversionReport:
+    """Convert `source` to format `to`. Returns the report; raises a `LoraFormatsError` on refusal."""
+    source = Path(source)
+    target = _format(to)
+    if not target.writable:
+        raise UsageError(f"{target.name} is read-only")
+    write_options = _options(target, options)
+    output_path = Path(output) if output is not None else target.default_output(source)
+    refuse_overwriting_inputs(output_path, [source])
+    if output_path.exists() and not force and not dry_run:
+        raise UsageError("output exists; pass --force to replace it", path=output_path)
+    warnings: list[str] = []
+    adapters = load(source, format=source_format, family=family, warnings=warnings)
+    try:
+        steps = [
+            Step(
+                stage="read",
+                name=f"read {adapters.provenance.format}",
+                exactness=Exactness.IDENTICAL,
+                modules=len(adapters.modules),
+                detail=f"family {adapters.family.name}",
+            )
+        ]
+        lowered, transform_steps = lower(adapters, target, registry.transforms(), allow_lossy=allow_lossy)
+        steps += transform_steps
+        encoded = target.encode(lowered, write_options)
+        steps += encoded.steps
+        warnings += encoded.warnings
+        metadata = stash_foreign(encoded.metadata, target, registry.formats().values())
+        metadata.update(_provenance(adapters))
+        exactness = Exactness.IDENTICAL
+        for step in steps:
+            exactness = exactness.worst(step.exactness)
+        report = ConversionReport(
+            input=str(source),
+            output=None if dry_run else str(output_path),
+            source_format=adapters.provenance.format,
+            target_format=target.name,
+            family=adapters.family.name,
+            modules=len(adapters.modules),
+            tensors_written=len(encoded.tensors),
+            dry_run=dry_run,
+            exactness=exactness,
+            steps=steps,
+            warnings=warnings,
+        )
+        if not dry_run:
+            report.bytes_written = write_safetensors(output_path, encoded.tensors, metadata, overwrite=force)
+        return report
+    except ValueError as error:  # a tensor that fails to decode mid-write is an invalid input
+        raise InvalidFileError(str(error), path=source) from None
+    finally:
+        adapters.close()
+
+
+def _provenance(adapters: AdapterSet) -> dict[str, str]:
+    import json
+
+    from . import __version__
+
+    notes = {
+        "loraformats.version": __version__,
+        "loraformats.source_format": adapters.provenance.format,
+    }
+    if adapters.provenance.namings:
+        notes["loraformats.namings"] = json.dumps(adapters.provenance.namings, sort_keys=True)
+    return notes

@@ -1,0 +1,193 @@
+"""Model families: which modules a LoRA can target, under which names.
+
+A family is data (a module table per component, plus alternative namings) produced by a
+generator from the real model classes and frozen under `specs/`. Formats never hard-code
+family knowledge; they ask a family to resolve the names they find.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+CANONICAL = "canonical"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The base layer a module adapter changes: its kind and weight geometry."""
+
+    kind: str  # "linear", "conv2d" or "norm"
+    in_features: int
+    out_features: int
+    kernel: tuple[int, int] = (1, 1)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv2d":
+            return (self.out_features, self.in_features, *self.kernel)
+        if self.kind == "norm":
+            return (self.out_features,)
+        return (self.out_features, self.in_features)
+
+    @classmethod
+    def from_spec(cls, entry: list) -> Layer:
+        kind, fan_in, fan_out, *rest = entry
+        return cls(kind, fan_in, fan_out, tuple(rest[0]) if rest else (1, 1))
+
+    def to_spec(self) -> list:
+        entry: list = [self.kind, self.in_features, self.out_features]
+        return [*entry, list(self.kernel)] if self.kind == "conv2d" else entry
+
+
+@dataclass(frozen=True)
+class ComponentHint:
+    """What a key says about its component: a name (`unet.`), or a role and slot (`lora_te2_`)."""
+
+    name: str | None = None
+    role: str | None = None
+    slot: int | None = None
+
+
+@dataclass
+class Component:
+    """One model of a pipeline (UNet, a text encoder) and the modules adapters may target."""
+
+    name: str
+    role: str  # "denoiser" or "text_encoder"
+    slot: int | None
+    modules: dict[str, Layer]
+    namings: dict[str, dict[str, str]] = field(default_factory=dict)
+    flat_naming: str = CANONICAL
+    path_aliases: tuple[str, ...] = ()
+
+    def name_in(self, path: str, naming: str) -> str:
+        return path if naming == CANONICAL else self.namings[naming][path]
+
+    def naming_names(self) -> list[str]:
+        return [CANONICAL, *self.namings]
+
+    @cached_property
+    def _dotted_index(self) -> dict[str, tuple[str, str]]:
+        index: dict[str, tuple[str, str]] = {}
+        for naming in reversed(self.naming_names()):
+            for path in self.modules:
+                name = self.name_in(path, naming)
+                index[name] = (path, naming)
+                for alias in self.path_aliases:
+                    if name.startswith(alias):
+                        index.setdefault(name[len(alias) :], (path, naming))
+        return index
+
+    @cached_property
+    def _flat_index(self) -> dict[str, tuple[str, str]]:
+        index: dict[str, tuple[str, str]] = {}
+        for naming in self.naming_names():
+            for path in self.modules:
+                flat = self.name_in(path, naming).replace(".", "_")
+                previous = index.get(flat)
+                if previous and previous[0] != path:
+                    raise ValueError(
+                        f"{self.name}: {previous[0]!r} and {path!r} flatten to the same {flat!r}"
+                    )
+                index.setdefault(flat, (path, naming))
+        return index
+
+    def resolve_dotted(self, name: str) -> tuple[str, str] | None:
+        """(canonical path, naming) of a dotted module name in any of this component's namings."""
+        return self._dotted_index.get(name)
+
+    def resolve_flat(self, name: str) -> tuple[str, str] | None:
+        """(canonical path, naming) of a Kohya-style flattened name; never guesses underscores."""
+        found = self._flat_index.get(name)
+        if found is None and name.endswith("_"):  # a known trainer quirk: a trailing separator
+            found = self._flat_index.get(name.rstrip("_"))
+        return found
+
+    @classmethod
+    def from_spec(cls, name: str, spec: Mapping[str, Any]) -> Component:
+        return cls(
+            name=name,
+            role=spec["role"],
+            slot=spec.get("slot"),
+            modules={path: Layer.from_spec(entry) for path, entry in spec["modules"].items()},
+            namings={key: dict(table) for key, table in spec.get("namings", {}).items()},
+            flat_naming=spec.get("flat_naming", CANONICAL),
+            path_aliases=tuple(spec.get("path_aliases", ())),
+        )
+
+
+class Family:
+    """A base-model family. Components load lazily, so registering a family costs nothing."""
+
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        components: Callable[[], dict[str, Component]] | dict[str, Component],
+        *,
+        description: str = "",
+        spec_path: Path | None = None,
+    ) -> None:
+        self.name, self.label, self.description, self.spec_path = name, label, description, spec_path
+        self._components = components
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
+
+    @cached_property
+    def components(self) -> dict[str, Component]:
+        loaded = self._components() if callable(self._components) else self._components
+        return dict(loaded)
+
+    def find_components(self, hint: ComponentHint) -> list[Component]:
+        """Components a key prefix may refer to; `lora_te_` (no slot) means the first text encoder."""
+        if hint.name is not None:
+            found = self.components.get(hint.name)
+            return [found] if found else []
+        if hint.role is None:
+            return list(self.components.values())
+        candidates = [c for c in self.components.values() if c.role == hint.role]
+        if hint.slot is not None:
+            return [c for c in candidates if c.slot == hint.slot]
+        return sorted(candidates, key=lambda c: c.slot or 0)[:1]
+
+    def text_encoders(self) -> list[Component]:
+        return sorted(
+            (c for c in self.components.values() if c.role == "text_encoder"), key=lambda c: c.slot or 0
+        )
+
+    def iter_modules(self) -> Iterator[tuple[Component, str, Layer]]:
+        for component in self.components.values():
+            for path, layer in component.modules.items():
+                yield component, path, layer
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], **kw: Any) -> Family:
+        """A family from an in-memory spec (same structure as a spec file): used for tiny test variants."""
+        components = {key: Component.from_spec(key, c) for key, c in spec["components"].items()}
+        return cls(spec["family"], spec.get("label", spec["family"]), components, **kw)
+
+    @classmethod
+    def from_spec_file(
+        cls, name: str, label: str, path: Path | resources.abc.Traversable, **kw: Any
+    ) -> Family:
+        """A family whose tables live in a spec file written by `scripts/generate_family_specs.py`."""
+
+        def load() -> dict[str, Component]:
+            spec = json.loads(path.read_text())
+            if spec.get("family") != name:
+                raise ValueError(f"{path} describes {spec.get('family')!r}, not {name!r}")
+            return {key: Component.from_spec(key, c) for key, c in spec["components"].items()}
+
+        return cls(name, label, load, spec_path=path, **kw)
+
+
+def builtin_spec(name: str) -> resources.abc.Traversable:
+    """A spec file shipped in `specs/families/`."""
+    return resources.files("loraformats.specs").joinpath("families", f"{name}.json")

@@ -1,0 +1,127 @@
+"""What a format plugin provides: sniff a header, parse its keys, read, and encode.
+
+A format knows an encoding (prefixes, factor names, alpha handling, container) and nothing
+about particular model families: it describes each key's component and module name, and the
+core resolves those names against the registered families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel
+
+from .families import Component, ComponentHint
+from .header import Header
+
+if TYPE_CHECKING:
+    from .canonical import AdapterSet
+    from .report import Step
+    from .tensors import TensorData
+
+
+@dataclass
+class Evidence:
+    """A format's or family's opinion of a file: a score in [0, 1] and why."""
+
+    score: float
+    reasons: list[str] = field(default_factory=list)
+    against: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ParsedModule:
+    """One adapted module as the file names it, before family resolution."""
+
+    key: str  # the module's key stem in the file, for messages
+    hint: ComponentHint
+    names: tuple[str, ...]  # names to try, in order (legacy spellings may need several)
+    flat: bool  # Kohya-style: dots flattened to underscores
+    tensors: dict[str, str]  # role -> tensor name in the file
+    algorithm: str = "lora"
+
+
+@dataclass
+class ParsedFile:
+    modules: list[ParsedModule]
+    #: Tensors the format recognises but cannot read yet, with the reason (the read is refused).
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    """A format's rendering of an adapter set: tensors in write order, metadata, and its steps."""
+
+    tensors: list[tuple[str, TensorData]]
+    metadata: dict[str, str]
+    steps: list[Step] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Format:
+    """Base class for format plugins. Subclasses set the class attributes and override methods."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: "file" (one .safetensors) or "directory".
+    container: ClassVar[str] = "file"
+    #: Output file suffix when the user gives no output path.
+    suffix: ClassVar[str] = ".safetensors"
+    #: Adapter features (see `Adapter.features`) this format holds natively when writing.
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    writable: ClassVar[bool] = True
+    #: The pydantic model of this format's on-disk metadata or config.
+    metadata_schema: ClassVar[type[BaseModel] | None] = None
+    #: Options a user may set for writing (`--set key=value`), as a pydantic model.
+    options_schema: ClassVar[type[BaseModel] | None] = None
+    #: Metadata keys this format owns (exact keys, or prefixes ending in `*`). Other formats'
+    #: writers move owned keys they cannot honour into the `loraformats.stash` entry.
+    owned_metadata: ClassVar[tuple[str, ...]] = ()
+
+    plugin: str = ""
+
+    def sniff(self, header: Header) -> Evidence:
+        """How much the header's names look like this format. Must not read tensor data."""
+        raise NotImplementedError
+
+    def parse(self, header: Header) -> ParsedFile:
+        """Group every tensor of the header into modules, or list it as unsupported."""
+        raise NotImplementedError
+
+    def read(self, header: Header, context: ReadContext) -> AdapterSet:
+        """Build the canonical form. The default resolves `parse` against the families."""
+        from .assemble import assemble
+
+        return assemble(self, header, self.parse(header), context)
+
+    def module_extras(
+        self, header: Header, component: Component, path: str, roles: dict[str, TensorData]
+    ) -> dict[str, Any]:
+        """Adapter fields the format stores outside the tensors (e.g. alpha from a config)."""
+        return {}
+
+    def finish_read(self, adapters: AdapterSet, header: Header, context: ReadContext) -> None:
+        """Apply format-specific facts after assembly (e.g. undo a documented fold)."""
+
+    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+        """Render the adapter set as tensors and metadata; report every step taken."""
+        raise NotImplementedError
+
+    def owns(self, key: str) -> bool:
+        return any(key.startswith(p[:-1]) if p.endswith("*") else key == p for p in self.owned_metadata)
+
+    def default_output(self, source: Path) -> Path:
+        stem = source.name.removesuffix(".safetensors")
+        return source.with_name(f"{stem}.{self.name}{self.suffix}")
+
+
+@dataclass
+class ReadContext:
+    """What a reader may consult: the families to resolve against, a forced family, warnings."""
+
+    families: dict[str, Any]
+    family: str | None = None
+    warnings: list[str] = field(default_factory=list)

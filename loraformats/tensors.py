@@ -1,0 +1,202 @@
+"""Lazy tensor handles: a dtype, a shape and a way to produce the bytes.
+
+Renames and reshapes never touch data; a `FileTensor` is copied from its source file with
+`copy_file_range` when written. Only `ComputedTensor` (real maths) imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from math import prod
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .header import DTYPE_SIZES
+
+if TYPE_CHECKING:
+    import torch
+
+_CHUNK = 64 << 20
+
+_SCALAR_FORMATS = {
+    "F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h",
+    "I8": "<b", "U8": "<B", "U16": "<H", "U32": "<I", "U64": "<Q", "BOOL": "<?",
+}  # fmt: skip
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }[name]  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    import torch
+
+    names = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+        torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    }  # fmt: skip
+    return names[dtype]
+
+
+class TensorData(ABC):
+    """Bytes-to-be of one tensor. Subclasses differ in where the bytes come from."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @abstractmethod
+    def read_bytes(self) -> bytes: ...
+
+    def write_to(self, fd: int) -> None:
+        _write_all(fd, self.read_bytes())
+
+    def reshaped(self, shape: tuple[int, ...]) -> TensorData:
+        """The same bytes under another shape (no copy, byte-identical)."""
+        if prod(shape) != prod(self.shape):
+            raise ValueError(f"cannot reshape {self.shape} to {shape}")
+        return ReshapedTensor(self, tuple(shape))
+
+    def to_torch(self) -> torch.Tensor:
+        import torch
+
+        data = self.read_bytes()
+        if not data:
+            return torch.empty(self.shape, dtype=torch_dtype(self.dtype))
+        return torch.frombuffer(bytearray(data), dtype=torch_dtype(self.dtype)).reshape(self.shape)
+
+    def scalar(self) -> float:
+        """The value of a one-element tensor, decoded without torch."""
+        if prod(self.shape) != 1:
+            raise ValueError(f"expected one element, got shape {self.shape}")
+        data = self.read_bytes()
+        if self.dtype == "BF16":
+            return struct.unpack("<f", b"\x00\x00" + data)[0]
+        return float(struct.unpack(_SCALAR_FORMATS[self.dtype], data)[0])
+
+    def same_bytes(self, other: TensorData) -> bool:
+        return (
+            self.dtype == other.dtype
+            and self.shape == other.shape
+            and self.read_bytes() == other.read_bytes()
+        )
+
+
+class SourceFile:
+    """An input file opened once for reading; tensors refer to it by absolute byte offset."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class FileTensor(TensorData):
+    """A tensor whose bytes sit at [offset, offset + nbytes) of a source file."""
+
+    def __init__(self, source: SourceFile, offset: int, dtype: str, shape: tuple[int, ...]) -> None:
+        self.source, self.offset, self.dtype, self.shape = source, offset, dtype, tuple(shape)
+
+    def read_bytes(self) -> bytes:
+        return os.pread(self.source.fd, self.nbytes, self.offset) if self.nbytes else b""
+
+    def write_to(self, fd: int) -> None:
+        remaining, offset = self.nbytes, self.offset
+        while remaining:
+            try:
+                copied = os.copy_file_range(self.source.fd, fd, min(remaining, _CHUNK), offset)
+            except (OSError, AttributeError):
+                copied = 0
+            if copied <= 0:  # not supported here (or EOF): fall back to read + write
+                _write_all(fd, os.pread(self.source.fd, remaining, offset))
+                return
+            remaining -= copied
+            offset += copied
+
+    def rows(self, start: int, stop: int) -> FileTensor:
+        """Rows [start, stop) of the first axis: still a contiguous byte range."""
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        return FileTensor(
+            self.source, self.offset + start * row_bytes, self.dtype, (stop - start, *self.shape[1:])
+        )
+
+
+class ReshapedTensor(TensorData):
+    def __init__(self, base: TensorData, shape: tuple[int, ...]) -> None:
+        self.base, self.dtype, self.shape = base, base.dtype, shape
+
+    def read_bytes(self) -> bytes:
+        return self.base.read_bytes()
+
+    def write_to(self, fd: int) -> None:
+        self.base.write_to(fd)
+
+
+class MemoryTensor(TensorData):
+    """Bytes held in memory: small tensors (alphas) and materialised results."""
+
+    def __init__(self, data: bytes, dtype: str, shape: tuple[int, ...]) -> None:
+        self.data, self.dtype, self.shape = data, dtype, tuple(shape)
+        if len(data) != self.nbytes:
+            raise ValueError(f"{dtype}{list(shape)} needs {self.nbytes} bytes, got {len(data)}")
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> MemoryTensor:
+        return cls(torch_bytes(tensor), dtype_name(tensor.dtype), tuple(tensor.shape))
+
+
+class ComputedTensor(TensorData):
+    """A tensor produced by real maths when (and only when) its bytes are needed."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor], dtype: str, shape: tuple[int, ...]) -> None:
+        self.compute, self.dtype, self.shape = compute, dtype, tuple(shape)
+
+    def read_bytes(self) -> bytes:
+        tensor = self.compute()
+        if dtype_name(tensor.dtype) != self.dtype or tuple(tensor.shape) != self.shape:
+            raise AssertionError(
+                f"computed {tensor.dtype}{tuple(tensor.shape)}, declared {self.dtype}{self.shape}"
+            )
+        return torch_bytes(tensor)
+
+
+def torch_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(__import__("torch").uint8).numpy().tobytes()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

@@ -1,0 +1,97 @@
+"""`verify`: apply two LoRA files to the same seeded random base and compare per module.
+
+Adapters are maps W -> W', so the comparison is on W' - W for a random W (float64), which
+catches scale, axis and naming mistakes that a comparison of factors would not.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+from pydantic import BaseModel, Field
+
+from .canonical import AdapterSet
+from .convert import load
+from .errors import UnsupportedError
+
+#: Relative tolerance per storage dtype for values re-rounded once (float64 reference).
+TOLERANCE = {"F64": 1e-12, "F32": 1e-6, "F16": 2e-3, "BF16": 1.6e-2}
+
+
+class ModuleDifference(BaseModel):
+    module: str
+    relative_error: float
+    tolerance: float
+    ok: bool
+
+
+class VerifyReport(BaseModel):
+    schema_version: int = 1
+    a: str
+    b: str
+    family: str
+    modules: int
+    max_relative_error: float
+    ok: bool
+    only_in_a: list[str] = Field(default_factory=list)
+    only_in_b: list[str] = Field(default_factory=list)
+    failures: list[ModuleDifference] = Field(default_factory=list)
+
+
+def seeded_base(key: tuple[str, str], shape: tuple[int, ...], seed: int):
+    """A deterministic random weight for one module (same for both files)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed ^ zlib.crc32(f"{key[0]}:{key[1]}".encode()))
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def compare(a: AdapterSet, b: AdapterSet, *, seed: int = 0, tolerance: float | None = None) -> VerifyReport:
+    if a.family.name != b.family.name:
+        raise UnsupportedError(f"families differ ({a.family.name} vs {b.family.name}); nothing to compare")
+    report = VerifyReport(
+        a=a.provenance.path,
+        b=b.provenance.path,
+        family=a.family.name,
+        modules=0,
+        max_relative_error=0.0,
+        ok=True,
+    )
+    report.only_in_a = [f"{c}:{p}" for c, p in a.modules if (c, p) not in b.modules]
+    report.only_in_b = [f"{c}:{p}" for c, p in b.modules if (c, p) not in a.modules]
+    for key, adapter in a.modules.items():
+        other = b.modules.get(key)
+        if other is None:
+            continue
+        layer = a.layer(key)
+        weight = seeded_base(key, layer.weight_shape, seed)
+        change_a = adapter.apply(weight, layer) - weight
+        change_b = other.apply(weight, layer) - weight
+        scale = max(float(change_a.norm()), float(change_b.norm()), 1e-300)
+        error = float((change_a - change_b).norm()) / scale
+        limit = (
+            tolerance
+            if tolerance is not None
+            else max(TOLERANCE.get(adapter.dtype, 1e-6), TOLERANCE.get(other.dtype, 1e-6))
+        )
+        report.modules += 1
+        report.max_relative_error = max(report.max_relative_error, error)
+        if error > limit:
+            report.failures.append(
+                ModuleDifference(module=f"{key[0]}:{key[1]}", relative_error=error, tolerance=limit, ok=False)
+            )
+    report.ok = not (report.failures or report.only_in_a or report.only_in_b)
+    return report
+
+
+def verify(
+    path_a: str | os.PathLike,
+    path_b: str | os.PathLike,
+    *,
+    family: str | None = None,
+    seed: int = 0,
+    tolerance: float | None = None,
+) -> VerifyReport:
+    with load(path_a, family=family) as a, load(path_b, family=family or a.family.name) as b:
+        return compare(a, b, seed=seed, tolerance=tolerance)

@@ -1,0 +1,230 @@
+"""The Kohya format: names flattened from a family naming, alpha as a per-module scalar tensor."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraformats.adapters import Exactness, LoRA
+from loraformats.canonical import AdapterSet
+from loraformats.errors import UnsupportedError, UsageError
+from loraformats.families import Component, ComponentHint, Family
+from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule
+from loraformats.header import Header
+from loraformats.report import Step
+from loraformats.tensors import ComputedTensor, TensorData
+
+from .hashes import sshs_hashes
+
+KEY = re.compile(r"^(?P<prefix>lora_unet|lora_te(?P<slot>\d?))_(?P<name>[^.]+)\.(?P<suffix>.+)$")
+
+ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha"}
+
+#: Suffixes of algorithms this format recognises but does not convert yet, with the reason.
+NOT_YET = {
+    "dora_scale": "DoRA magnitude (dora_scale) is not supported yet",
+    "hada_": "LoHa (LyCORIS) modules are not supported yet",
+    "lokr_": "LoKr (LyCORIS) modules are not supported yet",
+    "diff": "full-weight deltas (LyCORIS 'full') are not supported yet",
+    "w_norm": "norm-layer deltas (LyCORIS 'norm') are not supported yet",
+    "b_norm": "norm-layer deltas (LyCORIS 'norm') are not supported yet",
+    "on_input": "(IA)3 modules are not supported yet",
+    "weight": "(IA)3 modules are not supported yet",
+    "oft_": "OFT/BOFT modules are not supported yet",
+    "a1.weight": "GLoRA modules are not supported yet",
+    "a2.weight": "GLoRA modules are not supported yet",
+    "b1.weight": "GLoRA modules are not supported yet",
+    "b2.weight": "GLoRA modules are not supported yet",
+    "bm.weight": "GLoRA modules are not supported yet",
+}
+OTHER_KEYS = {
+    "bundle_emb.": "bundled textual-inversion embeddings (bundle_emb.*) cannot be carried by this conversion",
+    "lycoris_": "the standalone LyCORIS prefix (lycoris_) is not supported yet",
+    "oft_unet_": "Kohya OFT modules are not supported yet",
+}
+
+
+class KohyaMetadata(BaseModel):
+    """The sd-scripts header entries loraformats reads or updates (all values are strings)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    ss_network_module: str | None = Field(None, description="e.g. networks.lora, lycoris.kohya")
+    ss_network_dim: str | None = Field(None, description="rank at training (informational; shapes win)")
+    ss_network_alpha: str | None = Field(None, description="alpha at training (informational)")
+    ss_network_args: str | None = Field(None, description="JSON of network_args")
+    ss_base_model_version: str | None = Field(None, description="sd_v1, sd_v2, sdxl_base_v1-0, ...")
+    sshs_model_hash: str | None = Field(None, description="SHA-256 of the data section (recomputed)")
+    sshs_legacy_hash: str | None = Field(None, description="AUTOMATIC1111 legacy hash (recomputed)")
+
+
+class KohyaOptions(BaseModel):
+    """Options for writing Kohya files."""
+
+    naming: str | None = Field(
+        None,
+        description="module naming for every component, e.g. 'canonical' (diffusers) or 'ldm' (SGM/LDM); "
+        "default: the source's naming, else the family's (sd-scripts writes SDXL in ldm naming)",
+    )
+
+
+class KohyaFormat(Format):
+    name = "kohya"
+    label = "Kohya sd-scripts LoRA / LoCon"
+    description = (
+        "Single safetensors file with `lora_unet_` / `lora_te[N]_` + flattened module names, "
+        "`lora_down.weight`, `lora_up.weight`, optional Tucker `lora_mid.weight`, and an `alpha` scalar."
+    )
+    capabilities = frozenset({"lora", "lora.tucker"})
+    metadata_schema = KohyaMetadata
+    options_schema = KohyaOptions
+    owned_metadata: ClassVar[tuple[str, ...]] = ("sshs_model_hash", "sshs_legacy_hash")
+
+    def sniff(self, header: Header) -> Evidence:
+        names = list(header.tensors)
+        if not names:
+            return Evidence(0.0, against=["the file has no tensors"])
+        ours = sum(1 for name in names if KEY.match(name))
+        evidence = Evidence(ours / len(names))
+        if ours:
+            evidence.reasons.append(f"{ours} of {len(names)} tensor names use lora_unet_/lora_te*_ prefixes")
+        if ours < len(names):
+            example = next(name for name in names if not KEY.match(name))
+            evidence.against.append(f"{len(names) - ours} names do not, e.g. {example!r}")
+        if "ss_network_module" in header.metadata:
+            evidence.reasons.append(
+                f"sd-scripts metadata: ss_network_module={header.metadata['ss_network_module']}"
+            )
+        return evidence
+
+    def parse(self, header: Header) -> ParsedFile:
+        grouped: dict[str, ParsedModule] = {}
+        unsupported: dict[str, str] = {}
+        for tensor in header.tensors:
+            match = KEY.match(tensor)
+            if match is None:
+                unsupported[tensor] = next(
+                    (why for prefix, why in OTHER_KEYS.items() if tensor.startswith(prefix)),
+                    "not a Kohya LoRA key",
+                )
+                continue
+            suffix = match["suffix"]
+            role = ROLES.get(suffix)
+            if role is None:
+                unsupported[tensor] = next(
+                    (why for start, why in NOT_YET.items() if suffix.startswith(start)),
+                    f"unknown suffix {suffix!r}",
+                )
+                continue
+            stem = tensor[: -len(suffix) - 1]
+            if match["prefix"] == "lora_unet":
+                hint = ComponentHint(role="denoiser")
+            else:
+                hint = ComponentHint(role="text_encoder", slot=int(match["slot"]) if match["slot"] else None)
+            module = grouped.setdefault(
+                stem, ParsedModule(stem, hint, (match["name"],), flat=True, tensors={})
+            )
+            module.tensors[role] = tensor
+        return ParsedFile(list(grouped.values()), unsupported)
+
+    @staticmethod
+    def prefix(family: Family, component: Component) -> str:
+        if component.role == "denoiser":
+            return "lora_unet"
+        return "lora_te" if len(family.text_encoders()) == 1 else f"lora_te{component.slot}"
+
+    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+        options = options or KohyaOptions()
+        tensors: list[tuple[str, TensorData]] = []
+        namings: dict[str, str] = {}
+        rescaled = 0
+        for (component_name, path), adapter in adapters.modules.items():
+            if not isinstance(adapter, LoRA):
+                raise UnsupportedError(f"kohya cannot hold {adapter.algorithm} ({component_name}:{path})")
+            component = adapters.component(component_name)
+            naming = namings.get(component_name) or self._naming(adapters, component, options)
+            namings[component_name] = naming
+            flat = component.name_in(path, naming).replace(".", "_")
+            stem = f"{self.prefix(adapters.family, component)}_{flat}"
+            alpha = adapter.alpha
+            if adapter.rank_scaling != "rank":  # Kohya's scale is alpha / r: carry the scale, not the rule
+                alpha, rescaled = _alpha_tensor(adapter.scale * adapter.rank), rescaled + 1
+            tensors.append((f"{stem}.lora_down.weight", adapter.down))
+            tensors.append((f"{stem}.lora_up.weight", adapter.up))
+            if adapter.mid is not None:
+                tensors.append((f"{stem}.lora_mid.weight", adapter.mid))
+            if alpha is not None:
+                tensors.append((f"{stem}.alpha", alpha))
+        detail = ", ".join(f"{c} in {n} naming" for c, n in namings.items())
+        steps = [
+            Step(
+                stage="write",
+                name="kohya names",
+                exactness=Exactness.IDENTICAL,
+                modules=len(adapters.modules),
+                detail=detail,
+            )
+        ]
+        if rescaled:
+            steps.append(
+                Step(
+                    stage="write",
+                    name="rsLoRA scale as alpha",
+                    exactness=Exactness.ROUNDED,
+                    modules=rescaled,
+                    detail="alpha = scale * rank (float32)",
+                )
+            )
+        return Encoded(tensors, self._metadata(adapters, tensors), steps)
+
+    @staticmethod
+    def _naming(adapters: AdapterSet, component: Component, options: KohyaOptions) -> str:
+        naming = options.naming or adapters.provenance.namings.get(component.name) or component.flat_naming
+        if naming not in component.naming_names():
+            if options.naming and component.role == "text_encoder":
+                return component.flat_naming  # text encoders have one naming; the option is about the UNet
+            raise UsageError(
+                f"{component.name} has no {naming!r} naming (has: {', '.join(component.naming_names())})"
+            )
+        return naming
+
+    @staticmethod
+    def _metadata(adapters: AdapterSet, tensors: list[tuple[str, TensorData]]) -> dict[str, str]:
+        metadata = dict(adapters.metadata)
+        loras = [a for a in adapters.modules.values() if isinstance(a, LoRA)]
+        ranks = {a.rank for a in loras}
+        alphas = {a.alpha_value for a in loras}
+        # Only a uniform, numerically stated fact that disagrees with the output is updated: sd-scripts'
+        # own values describe the linear modules only when conv modules use another rank or alpha.
+        if len(ranks) == 1 and _disagrees(metadata.get("ss_network_dim"), *ranks):
+            metadata["ss_network_dim"] = _format_number(next(iter(ranks)))
+        if len(alphas) == 1 and _disagrees(metadata.get("ss_network_alpha"), *alphas):
+            metadata["ss_network_alpha"] = _format_number(next(iter(alphas)))
+        if "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:
+            try:
+                metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
+            except ValueError:
+                metadata.pop("sshs_legacy_hash", None)
+        return metadata
+
+
+def _disagrees(text: str | None, value: float) -> bool:
+    try:
+        return text is not None and float(text) != value
+    except ValueError:
+        return False
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _alpha_tensor(value: float) -> TensorData:
+    def make():
+        import torch
+
+        return torch.tensor(value, dtype=torch.float32)
+
+    return ComputedTensor(make, "F32", ())

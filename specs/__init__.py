@@ -1,0 +1,1 @@
+"""Machine-readable specifications shipped with loraformats (data only; see specs/README.md)."""
