@@ -128,6 +128,11 @@ def check_coverage(parsed: ParsedFile, header: Header) -> None:
         raise UnsupportedError(
             f"cannot convert {len(parsed.unsupported)} tensors, e.g. {first!r}: {detail}", path=header.path
         )
+    for module in parsed.modules:
+        shapes = {role: header.tensors[name].shape for role, name in module.tensors.items()}
+        problem = ALGORITHMS[module.algorithm].factor_problem(shapes)
+        if problem:
+            raise InvalidFileError(f"{module.key}: {problem}", path=header.path)
     claimed = Counter(name for module in parsed.modules for name in module.tensors.values())
     twice = [name for name, count in claimed.items() if count > 1]
     missing = [name for name in header.tensors if name not in claimed]

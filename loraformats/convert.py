@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from .adapters import Exactness
 from .assemble import stash_foreign
 from .canonical import AdapterSet
-from .errors import InvalidFileError, UsageError
+from .errors import InvalidFileError, UnsupportedError, UsageError
 from .formats import Format, ReadContext
 from .header import Header, read_header
 from .planning import lower
@@ -27,16 +27,20 @@ def _format(name: str) -> Format:
 
 
 def sniff_format(header: Header) -> Format:
-    """The one format whose grammar explains every tensor name of the header."""
-    scored = sorted(((f.sniff(header), f) for f in registry.formats().values()), key=lambda p: -p[0].score)
-    complete = [f for evidence, f in scored if evidence.score >= 1.0]
+    """The one format that explains every tensor name of the header (see `detect`)."""
+    from .detect import complete_formats
+
+    complete = complete_formats(header)
     if len(complete) == 1:
         return complete[0]
-    if len(complete) > 1:
+    if complete:
         names = ", ".join(f.name for f in complete)
         raise UsageError(f"format is ambiguous ({names}); pass --from", path=header.path)
-    best = ", ".join(f"{f.name} {e.score:.0%}" for e, f in scored[:3] if e.score > 0) or "no format matched"
-    raise UsageError(f"not a LoRA file in any installed format (best: {best})", path=header.path)
+    scored = sorted(((f.sniff(header).score, f.name) for f in registry.formats().values()), reverse=True)
+    if scored and scored[0][0] >= 0.5 and (len(scored) == 1 or scored[1][0] < scored[0][0]):
+        return registry.formats()[scored[0][1]]  # mostly this format: its reader names what it cannot place
+    best = ", ".join(f"{name} {score:.1%}" for score, name in scored[:3] if score > 0) or "no format matched"
+    raise UnsupportedError(f"not a LoRA file in any installed format (best: {best})", path=header.path)
 
 
 def load(

@@ -55,6 +55,26 @@ class Detection(BaseModel):
     families: list[Candidate] = Field(default_factory=list)
 
 
+def _explains(fmt, header: Header) -> bool:
+    """Whether the format's parse of the header fits exactly one family (header only)."""
+    try:
+        parsed = fmt.parse(header)
+    except LoraFormatsError:
+        return False
+    if parsed.unsupported:
+        return False
+    return sum(resolve(parsed, header, f).fits for f in registry.families().values()) == 1
+
+
+def complete_formats(header: Header) -> list:
+    """Formats whose grammar explains every tensor name; ties broken by which ones fit a family."""
+    complete = [fmt for fmt in registry.formats().values() if fmt.sniff(header).score >= 1.0]
+    if len(complete) > 1:
+        fitting = [fmt for fmt in complete if _explains(fmt, header)]
+        return fitting or complete
+    return complete
+
+
 def detect(source: str | os.PathLike | Header, *, read_alphas: bool = False) -> Detection:
     """Detect format and family from the header. `read_alphas` also reads the scalar alpha tensors."""
     header = source if isinstance(source, Header) else read_header(source)
@@ -78,7 +98,7 @@ def detect(source: str | os.PathLike | Header, *, read_alphas: bool = False) -> 
             )
         )
     result.formats.sort(key=lambda c: -c.score)
-    complete = [fmt for evidence, fmt in scored if evidence.score >= 1.0]
+    complete = complete_formats(header)
     if len(complete) > 1:
         result.format = "ambiguous"
         result.reasons.append("several formats explain every name: " + ", ".join(f.name for f in complete))

@@ -6,10 +6,10 @@ import hashlib
 import json
 
 import torch
-from loraformats_kohya.hashes import SAFETENSORS_DTYPE_ORDER, safetensors_order, sshs_hashes
 from safetensors.torch import save
 
 from loraformats.tensors import MemoryTensor
+from loraformats_kohya.hashes import SAFETENSORS_DTYPE_ORDER, safetensors_order, sshs_hashes
 
 
 def reference_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

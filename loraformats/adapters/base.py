@@ -33,6 +33,8 @@ class Adapter(ABC):
     """A change to one module. Subclasses are dataclasses of `TensorData` roles."""
 
     algorithm: ClassVar[str]
+    #: True when W' - W does not depend on W (LoRA, LoHa, LoKr, full, norm): `delta` is then defined.
+    additive: ClassVar[bool] = False
 
     @abstractmethod
     def tensors(self) -> dict[str, TensorData]:
@@ -45,6 +47,22 @@ class Adapter(ABC):
     @abstractmethod
     def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
         """W' for a base weight W, computed in the dtype of `weight` (tests use float64)."""
+
+    def low_rank(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U, V) in float64 with W' - W = reshape(U @ V), if the change is low-rank; else None.
+
+        Lets `verify` compare large modules through small QR factorisations instead of dense deltas.
+        """
+        return None
+
+    def delta(self, layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W' - W, for additive adapters only (default float64)."""
+        raise NotImplementedError(f"{self.algorithm} depends on the base weight; use apply()")
+
+    @classmethod
+    @abstractmethod
+    def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why these tensors cannot form this adapter on any layer (inconsistent, missing). Header-only."""
 
     @classmethod
     @abstractmethod

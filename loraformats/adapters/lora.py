@@ -31,6 +31,7 @@ class LoRA(Adapter):
     rank_scaling: str = "rank"
 
     algorithm: ClassVar[str] = "lora"
+    additive: ClassVar[bool] = True
 
     @property
     def rank(self) -> int:
@@ -58,35 +59,56 @@ class LoRA(Adapter):
     def dtype(self) -> str:
         return self.up.dtype
 
+    def low_rank(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale * up (out, r) and (mid x) down flattened to (r, in * kh * kw), in float64."""
+        import torch
+
+        up = self.up.to_torch().to(torch.float64).reshape(self.up.shape[0], -1)
+        down = self.down.to_torch().to(torch.float64)
+        if self.mid is not None:
+            core = self.mid.to_torch().to(torch.float64)
+            down = torch.einsum("abhw,bi->aihw", core, down.reshape(down.shape[0], -1))
+        return up * self.scale, down.reshape(down.shape[0], -1)
+
     def delta(self, layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
         """scale * up @ (mid) @ down, shaped like the layer's weight, in `dtype` (default float64)."""
         import torch
 
-        dtype = dtype or torch.float64
-        up = self.up.to_torch().to(dtype).reshape(self.up.shape[0], -1)
-        down = self.down.to_torch().to(dtype)
-        if self.mid is not None:
-            down = torch.einsum(
-                "abhw,bi->aihw", self.mid.to_torch().to(dtype), down.reshape(down.shape[0], -1)
-            )
-        product = up @ down.reshape(down.shape[0], -1)
-        return (product * self.scale).reshape(layer.weight_shape)
+        up, down = self.low_rank(layer)
+        return (up @ down).reshape(layer.weight_shape).to(dtype or torch.float64)
 
     def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
         return weight + self.delta(layer, weight.dtype)
 
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        """Why factors of these shapes cannot belong to `layer` (None if they fit). Header-only."""
+    def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why these factors cannot form a LoRA whatever the layer (missing, ranks disagree). Header-only."""
         down, up, mid, alpha = (shapes.get(role) for role in ("down", "up", "mid", "alpha"))
         if down is None or up is None:
-            return f"needs both down and up factors, has {sorted(shapes)}"
+            return f"needs both down and up factors, has only {', '.join(sorted(shapes))}"
+        if len(down) not in (2, 4) or len(up) not in (2, 4) or (mid is not None and len(mid) != 4):
+            return f"factors must be 2-D or 4-D, got down {list(down)}, up {list(up)}"
+        if down[0] == 0:
+            return "rank 0"
+        inner = (mid[0], mid[1]) if mid is not None else (down[0], down[0])
+        if up[1] != inner[0] or down[0] != inner[1]:
+            middle = f", mid {list(mid)}" if mid is not None else ""
+            return f"ranks disagree: down {list(down)}, up {list(up)}{middle}"
+        if alpha is not None and prod(alpha) != 1:
+            return f"alpha must be a scalar, got shape {list(alpha)}"
+        return None
+
+    @classmethod
+    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
+        """Why factors of these shapes cannot belong to `layer` (None if they fit). Header-only."""
+        problem = cls.factor_problem(shapes)
+        if problem:
+            return problem
+        down, up, mid = shapes["down"], shapes["up"], shapes.get("mid")
         if layer.kind not in ("linear", "conv2d"):
             return f"LoRA on a {layer.kind} layer is not a valid target"
         kernel = tuple(layer.kernel) if layer.kind == "conv2d" else (1, 1)
         r = down[0]
-        if r == 0 or len(down) not in (2, 4) or len(up) not in (2, 4):
-            return f"factor shapes down {list(down)}, up {list(up)} are not LoRA factors"
         inner = mid[0] if mid is not None else r
         if up[0] != layer.out_features or up[1] != inner or any(d != 1 for d in up[2:]):
             return f"up {list(up)} does not fit {layer.out_features} outputs at rank {inner}"
@@ -97,8 +119,6 @@ class LoRA(Adapter):
             return f"2-D down {list(down)} on a {list(kernel)} conv"
         if mid is not None and (len(mid) != 4 or mid[1] != r or tuple(mid[2:]) != kernel):
             return f"mid {list(mid)} does not fit rank {r} and kernel {list(kernel)}"
-        if alpha is not None and prod(alpha) != 1:
-            return f"alpha must be a scalar, got shape {list(alpha)}"
         return None
 
     def check(self, layer: Layer, where: str) -> None:

@@ -1,0 +1,120 @@
+"""Tiny variants of the SD families, built from the same generators as the production specs.
+
+They register through the public `register_families` hook (see conftest.py), exactly like the
+built-in families, and back tiny real pipelines for the consumer tests.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from loraformats.families import Family
+from loraformats_sd.tables import family_spec
+
+TE_SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 1000,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+UNET_SD1 = {
+    "sample_size": 8,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+UNET_SD2 = {
+    **UNET_SD1,
+    "cross_attention_dim": 48,
+    "use_linear_projection": True,
+    "attention_head_dim": (4, 8),
+}
+UNET_SDXL = {
+    "sample_size": 8,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4),
+    "cross_attention_dim": 64,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+    "norm_num_groups": 16,
+}
+
+#: name -> (UNet config, [(text-encoder config, with projection)], UNet naming Kohya uses)
+TINY: dict[str, tuple[dict, list[tuple[dict, bool]], str]] = {
+    "tiny-sd1": (UNET_SD1, [(TE_SMALL, False)], "canonical"),
+    "tiny-sd2": (UNET_SD2, [({**TE_SMALL, "hidden_size": 48, "hidden_act": "gelu"}, False)], "canonical"),
+    "tiny-sdxl": (
+        UNET_SDXL,
+        [(TE_SMALL, False), ({**TE_SMALL, "projection_dim": 32, "hidden_act": "gelu"}, True)],
+        "ldm",
+    ),
+}
+
+
+@functools.cache
+def tiny_family(name: str) -> Family:
+    unet, encoders, naming = TINY[name]
+    return Family.from_spec(family_spec(name, name, "tiny test variant", unet, encoders, naming))
+
+
+def build_pipeline(name: str, seed: int = 0) -> Any:
+    """A real diffusers pipeline of the tiny family, random weights, fixed seed, no downloads."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_config, encoders, _ = TINY[name]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    vae = AutoencoderKL(
+        block_out_channels=[8],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+    )
+    text_encoders = [
+        (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
+        for config, projection in encoders
+    ]
+    common = {"vae": vae, "unet": unet, "scheduler": DDIMScheduler()}
+    if len(text_encoders) == 2:
+        return StableDiffusionXLPipeline(
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=None,
+            tokenizer_2=None,
+            **common,
+        )
+    return StableDiffusionPipeline(
+        text_encoder=text_encoders[0],
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **common,
+    )
