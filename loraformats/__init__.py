@@ -20,10 +20,10 @@ from .hookspecs import hookimpl
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "convert", "convert": "convert", "detect": "detect", "verify": "verify",
+    "load": "conversion", "convert": "conversion", "detect": "detection", "verify": "verification",
     "AdapterSet": "canonical", "Family": "families", "Component": "families", "Layer": "families",
     "Format": "formats", "Evidence": "formats", "ParsedFile": "formats", "ParsedModule": "formats",
-    "Encoded": "formats", "Transform": "transforms", "Detection": "detect", "ConversionReport": "report",
+    "Encoded": "formats", "Transform": "transforms", "Detection": "detection", "ConversionReport": "report",
     "registry": "plugins",
 }  # fmt: skip
 
@@ -36,14 +36,14 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .canonical import AdapterSet
-    from .convert import convert, load
-    from .detect import Detection, detect
+    from .conversion import convert, load
+    from .detection import Detection, detect
     from .families import Component, Family, Layer
     from .formats import Encoded, Evidence, Format, ParsedFile, ParsedModule
     from .plugins import registry
     from .report import ConversionReport
     from .transforms import Transform
-    from .verify import verify
+    from .verification import verify
 
 
 def __getattr__(name: str) -> Any:

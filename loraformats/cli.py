@@ -76,7 +76,7 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
 
     report = convert(
         args.input,
@@ -109,7 +109,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from .detect import detect
+    from .detection import detect
 
     result = detect(args.input, read_alphas=args.alphas)
     if args.json:
@@ -170,7 +170,7 @@ def _formats(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from .errors import VerificationError
-    from .verify import verify
+    from .verification import verify
 
     report = verify(args.a, args.b, family=args.family, seed=args.seed, tolerance=args.tolerance)
     if args.json:

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from unittest import mock
 
-from .convert import convert, load
+from .conversion import convert, load
 from .header import read_header
 from .plugins import registry
-from .verify import compare
+from .verification import compare
 
 
 def check_no_data_read(format_name: str, path: str | os.PathLike) -> None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from .adapters import Adapter
 from .canonical import AdapterSet
-from .convert import load
+from .conversion import load
 from .errors import UnsupportedError
 from .families import Layer
 

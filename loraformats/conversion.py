@@ -28,7 +28,7 @@ def _format(name: str) -> Format:
 
 def sniff_format(header: Header) -> Format:
     """The one format that explains every tensor name of the header (see `detect`)."""
-    from .detect import complete_formats
+    from .detection import complete_formats
 
     complete = complete_formats(header)
     if len(complete) == 1:
