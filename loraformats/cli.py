@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from .errors import EXIT_CODES, LoraFormatsError, UsageError
 
+PICKLE_HELP = "read a pickled .pt/.ckpt/.bin input with torch.load(weights_only=True) (refused by default)"
+
 
 def _parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
@@ -44,11 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     convert.add_argument("--force", action="store_true", help="replace an existing output (never the input)")
     convert.add_argument("--report", choices=["text", "json"], default="text", help="report format on stdout")
+    convert.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
 
     detect = commands.add_parser("detect", help="identify a LoRA file from its header alone")
     detect.add_argument("input")
     detect.add_argument("--json", action="store_true", help="print the versioned JSON result")
     detect.add_argument("--alphas", action="store_true", help="also read the (scalar) alpha tensors")
+    detect.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
 
     formats = commands.add_parser("formats", help="list installed formats, families and plugins")
     formats.add_argument("--json", action="store_true")
@@ -62,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, help="relative error allowed per module (default: per dtype)"
     )
     verify.add_argument("--json", action="store_true")
+    verify.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     return parser
 
 
@@ -87,6 +92,7 @@ def _convert(args: argparse.Namespace) -> int:
         options=_parse_options(args.options),
         dry_run=args.dry_run,
         force=args.force,
+        allow_pickle=args.allow_pickle,
     )
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -111,7 +117,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _detect(args: argparse.Namespace) -> int:
     from .detection import detect
 
-    result = detect(args.input, read_alphas=args.alphas)
+    result = detect(args.input, read_alphas=args.alphas, allow_pickle=args.allow_pickle)
     if args.json:
         print(result.model_dump_json(indent=2))
         return 0
@@ -172,7 +178,14 @@ def _verify(args: argparse.Namespace) -> int:
     from .errors import VerificationError
     from .verification import verify
 
-    report = verify(args.a, args.b, family=args.family, seed=args.seed, tolerance=args.tolerance)
+    report = verify(
+        args.a,
+        args.b,
+        family=args.family,
+        seed=args.seed,
+        tolerance=args.tolerance,
+        allow_pickle=args.allow_pickle,
+    )
     if args.json:
         print(report.model_dump_json(indent=2))
     else:

@@ -14,6 +14,7 @@ from .canonical import AdapterSet
 from .errors import InvalidFileError, UnsupportedError, UsageError
 from .formats import Format, ReadContext
 from .header import Header, read_header
+from .pickles import pickled_by_content, pickled_by_name, refuse, to_safetensors
 from .planning import lower
 from .plugins import registry
 from .report import ConversionReport, Step
@@ -43,18 +44,45 @@ def sniff_format(header: Header) -> Format:
     raise UnsupportedError(f"not a LoRA file in any installed format (best: {best})", path=header.path)
 
 
+def open_header(path: str | os.PathLike, *, allow_pickle: bool = False) -> Header:
+    """The validated header of `path`; a pickle is refused, or (opted in) re-read as safetensors."""
+    path = Path(path)
+    if not pickled_by_name(path):
+        try:
+            return read_header(path)
+        except InvalidFileError:
+            if not pickled_by_content(path):
+                raise
+    if not allow_pickle:
+        raise refuse(path)
+    if not path.is_file():
+        return read_header(path)  # the usual one-line error for a missing path or a directory
+    header = read_header(to_safetensors(path))
+    header.temporary = True
+    return header
+
+
 def load(
     path: str | os.PathLike,
     *,
     format: str | None = None,
     family: str | None = None,
     warnings: list[str] | None = None,
+    allow_pickle: bool = False,
 ) -> AdapterSet:
     """Read a LoRA file into the canonical form (header validated, tensors read lazily)."""
-    header = read_header(path)
-    fmt = _format(format) if format else sniff_format(header)
-    context = ReadContext(families=registry.families(), family=family)
-    adapters = fmt.read(header, context)
+    header = open_header(path, allow_pickle=allow_pickle)
+    try:
+        fmt = _format(format) if format else sniff_format(header)
+        context = ReadContext(families=registry.families(), family=family)
+        adapters = fmt.read(header, context)
+        if header.temporary:
+            for source in adapters.sources:
+                source.open()  # now: the open descriptor keeps the bytes readable once the file is gone
+    finally:
+        if header.temporary:
+            header.path.unlink(missing_ok=True)
+    adapters.provenance.path = str(path)
     if warnings is not None:
         warnings.extend(context.warnings)
     return adapters
@@ -84,6 +112,7 @@ def convert(
     dry_run: bool = False,
     force: bool = False,
     allow_lossy: bool = False,
+    allow_pickle: bool = False,
 ) -> ConversionReport:
     """Convert `source` to format `to`. Returns the report; raises a `LoraFormatsError` on refusal."""
     source = Path(source)
@@ -96,7 +125,7 @@ def convert(
     if output_path.exists() and not force and not dry_run:
         raise UsageError("output exists; pass --force to replace it", path=output_path)
     warnings: list[str] = []
-    adapters = load(source, format=source_format, family=family, warnings=warnings)
+    adapters = load(source, format=source_format, family=family, warnings=warnings, allow_pickle=allow_pickle)
     try:
         steps = [
             Step(

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from .assemble import resolve
 from .errors import LoraFormatsError
-from .header import Header, read_header
+from .header import Header
 from .plugins import registry
 from .tensors import FileTensor, SourceFile
 
@@ -75,9 +75,25 @@ def complete_formats(header: Header) -> list:
     return complete
 
 
-def detect(source: str | os.PathLike | Header, *, read_alphas: bool = False) -> Detection:
+def detect(
+    source: str | os.PathLike | Header, *, read_alphas: bool = False, allow_pickle: bool = False
+) -> Detection:
     """Detect format and family from the header. `read_alphas` also reads the scalar alpha tensors."""
-    header = source if isinstance(source, Header) else read_header(source)
+    if isinstance(source, Header):
+        return _detect(source, read_alphas)
+    from .conversion import open_header
+
+    header = open_header(source, allow_pickle=allow_pickle)
+    try:
+        result = _detect(header, read_alphas)
+    finally:
+        if header.temporary:
+            header.path.unlink(missing_ok=True)
+    result.path = str(source)
+    return result
+
+
+def _detect(header: Header, read_alphas: bool) -> Detection:
     result = Detection(
         path=str(header.path),
         format="unknown",

@@ -53,6 +53,8 @@ class Header:
     data_start: int
     file_size: int = 0
     header_bytes: int = field(default=0, repr=False)
+    #: True for a temporary file loraformats made (a pickle re-written as safetensors).
+    temporary: bool = field(default=False, repr=False)
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -67,7 +69,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
 def _not_safetensors_hint(first: bytes) -> str:
     for magic, what in _PICKLE_HINTS.items():
         if first.startswith(magic):
-            return f"; it looks like {what}, which is refused (see the Security docs)"
+            return f"; it looks like {what} (pickled checkpoints need --allow-pickle)"
     return ""
 
 

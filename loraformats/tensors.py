@@ -105,6 +105,9 @@ class SourceFile:
 
     @property
     def fd(self) -> int:
+        return self.open()
+
+    def open(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd

@@ -128,6 +128,10 @@ def verify(
     family: str | None = None,
     seed: int = 0,
     tolerance: float | None = None,
+    allow_pickle: bool = False,
 ) -> VerifyReport:
-    with load(path_a, family=family) as a, load(path_b, family=family or a.family.name) as b:
+    with (
+        load(path_a, family=family, allow_pickle=allow_pickle) as a,
+        load(path_b, family=family or a.family.name, allow_pickle=allow_pickle) as b,
+    ):
         return compare(a, b, seed=seed, tolerance=tolerance)

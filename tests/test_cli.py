@@ -187,3 +187,32 @@ def test_help_and_python_dash_m():
     done = subprocess.run([sys.executable, "-m", "loraformats", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "exit codes" in done.stdout
     assert main([]) == 2
+
+
+class Payload:
+    """Unpickling this would create a marker file: it must never happen."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickles_are_refused_and_opt_in_never_runs_code(tmp_path, capsys):
+    plain = tmp_path / "lora.pt"
+    torch.save(load_file(EXAMPLE), plain)
+    expect_refusal(capsys, ["convert", str(plain), "--to", "diffusers"], 4, "--allow-pickle")
+    expect_refusal(capsys, ["detect", str(plain)], 4, "--allow-pickle")
+    marker = tmp_path / "payload-ran"
+    for name in ("evil.pt", "evil.safetensors", "evil.bin"):
+        evil = tmp_path / name
+        torch.save({"x": Payload(marker)}, evil)
+        expect_refusal(capsys, ["convert", str(evil), "--to", "diffusers"], 4, "pickle")
+        expect_refusal(
+            capsys, ["convert", str(evil), "--to", "diffusers", "--allow-pickle"], 3, "weights_only"
+        )
+    assert not marker.exists()
+    output = tmp_path / "from_pickle.safetensors"
+    assert main(["convert", str(plain), "--to", "diffusers", "-o", str(output), "--allow-pickle"]) == 0
+    assert main(["verify", str(EXAMPLE), str(output)]) == 0
