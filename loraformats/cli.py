@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--alphas", action="store_true", help="also read the (scalar) alpha tensors")
     detect.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
 
+    inspect = commands.add_parser("inspect", help="a readable report of a LoRA file, from its header alone")
+    inspect.add_argument("input")
+    inspect.add_argument("--json", action="store_true", help="print the versioned JSON result")
+    inspect.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+
     formats = commands.add_parser("formats", help="list installed formats, families and plugins")
     formats.add_argument("--json", action="store_true")
 
@@ -131,6 +136,14 @@ def _detect(args: argparse.Namespace) -> int:
         print("  alphas: " + ", ".join(f"{a}×{n}" for a, n in result.alphas.items()))
     for reason in result.reasons:
         print(f"  - {reason}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect, render
+
+    report = inspect(args.input, allow_pickle=args.allow_pickle)
+    print(report.model_dump_json(indent=2) if args.json else render(report))
     return 0
 
 
@@ -219,7 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"convert": _convert, "detect": _detect, "formats": _formats, "verify": _verify}
+    handlers = {
+        "convert": _convert,
+        "detect": _detect,
+        "inspect": _inspect,
+        "formats": _formats,
+        "verify": _verify,
+    }
     if args.command is None:
         parser.print_help()
         return UsageError.exit_code
