@@ -6,11 +6,12 @@ Shared by every reader and by detection, so that "which family, which module" ha
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .adapters import ALGORITHMS
+from .adapters import ALGORITHMS, Adapter
 from .canonical import AdapterSet, ModuleKey, Provenance
 from .errors import InvalidFileError, UnsupportedError
 from .families import CANONICAL, Component, Family
@@ -88,34 +89,47 @@ def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
     return result
 
 
-def choose_family(parsed: ParsedFile, header: Header, context: ReadContext) -> Resolution:
-    """The one family that explains every module, or a precise refusal."""
+Part = tuple[Header, ParsedFile]
+
+
+def resolve_parts(parts: list[Part], family: Family) -> Resolution:
+    """`resolve` over several files read together (e.g. one PEFT directory per component)."""
+    combined = Resolution(family)
+    for header, parsed in parts:
+        single = resolve(parsed, header, family)
+        combined.matches += single.matches
+        combined.unknown += single.unknown
+        combined.misfit += single.misfit
+    return combined
+
+
+def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathLike) -> Resolution:
+    """The one family that explains every module of every part, or a precise refusal."""
     if context.family is not None:
         if context.family not in context.families:
-            raise UnsupportedError(
-                f"unknown family {context.family!r} (known: {', '.join(context.families)})"
-            )
-        resolution = resolve(parsed, header, context.families[context.family])
+            known = ", ".join(context.families)
+            raise UnsupportedError(f"unknown family {context.family!r} (known: {known})")
+        resolution = resolve_parts(parts, context.families[context.family])
         if not resolution.fits:
             raise UnsupportedError(
-                f"does not fit family {context.family}: {resolution.summary()}", path=header.path
+                f"does not fit family {context.family}: {resolution.summary()}", path=where
             )
         return resolution
-    resolutions = [resolve(parsed, header, family) for family in context.families.values()]
+    resolutions = [resolve_parts(parts, family) for family in context.families.values()]
     fitting = [r for r in resolutions if r.fits]
     if len(fitting) == 1:
         return fitting[0]
     if fitting:
         names = ", ".join(r.family.name for r in fitting)
         raise UnsupportedError(
-            f"family is ambiguous: every module fits each of {names}; pass --family", path=header.path
+            f"family is ambiguous: every module fits each of {names}; pass --family", path=where
         )
     if not resolutions:
-        raise UnsupportedError("no model families are installed", path=header.path)
+        raise UnsupportedError("no model families are installed", path=where)
     closest = max(resolutions, key=lambda r: len(r.matches))
     raise UnsupportedError(
         f"no installed family knows every module; closest is {closest.family.name}: {closest.summary()}",
-        path=header.path,
+        path=where,
     )
 
 
@@ -141,28 +155,39 @@ def check_coverage(parsed: ParsedFile, header: Header) -> None:
 
 
 def assemble(fmt: Format, header: Header, parsed: ParsedFile, context: ReadContext) -> AdapterSet:
-    check_coverage(parsed, header)
-    resolution = choose_family(parsed, header, context)
-    source = SourceFile(header.path)
-    modules: dict[ModuleKey, object] = {}
+    return assemble_parts(fmt, [(header, parsed)], context, where=header.path)
+
+
+def assemble_parts(
+    fmt: Format, parts: list[Part], context: ReadContext, *, where: str | os.PathLike
+) -> AdapterSet:
+    """Resolve, check and build every module of one or more files of the same LoRA."""
+    for header, parsed in parts:
+        check_coverage(parsed, header)
+    resolution = choose_family(parts, context, where)
+    headers = {id(parsed): header for header, parsed in parts}
+    sources = {id(header): SourceFile(header.path) for header, _ in parts}
+    part_of = {id(module): parsed for _, parsed in parts for module in parsed.modules}
+    modules: dict[ModuleKey, Adapter] = {}
     origin: dict[ModuleKey, str] = {}
     flat_namings: dict[str, Counter] = {}
     for match in resolution.matches:
+        header = headers[id(part_of[id(match.module)])]
         key = (match.component.name, match.path)
         if key in modules:
             raise InvalidFileError(
-                f"{origin[key]} and {match.module.key} adapt the same module {key[1]}", path=header.path
+                f"{origin[key]} and {match.module.key} adapt the same module {key[1]}", path=where
             )
+        source = sources[id(header)]
         roles = {
             role: FileTensor(
                 source, header.data_start + header.tensors[name].start, *header.tensors[name][:2]
             )
             for role, name in match.module.tensors.items()
         }
-        layer = match.component.modules[match.path]
         extras = fmt.module_extras(header, match.component, match.path, roles)
-        adapter = ALGORITHMS[match.module.algorithm](**roles, **extras)
-        adapter.check(layer, match.module.key)
+        adapter = ALGORITHMS[match.module.algorithm].from_roles(roles, extras)
+        adapter.check(match.component.modules[match.path], match.module.key)
         modules[key], origin[key] = adapter, match.module.key
         if match.module.flat:
             flat_namings.setdefault(match.component.name, Counter())[match.naming] += 1
@@ -172,18 +197,21 @@ def assemble(fmt: Format, header: Header, parsed: ParsedFile, context: ReadConte
         if others:
             context.warnings.append(f"{component} mixes namings {dict(counts)}; writing {naming} where asked")
         namings[component] = naming
-    metadata = own_metadata(header.metadata)
-    for component, naming in _notes(header, NAMINGS_KEY).items():
-        if namings.get(component, CANONICAL) == CANONICAL and component in resolution.family.components:
-            namings[component] = naming
+    metadata: dict[str, str] = {}
+    for header, _ in parts:
+        metadata.update(own_metadata(header.metadata))
+        for component, naming in _notes(header, NAMINGS_KEY).items():
+            if namings.get(component, CANONICAL) == CANONICAL and component in resolution.family.components:
+                namings[component] = naming
     adapters = AdapterSet(
         family=resolution.family,
         modules=dict(sorted(modules.items(), key=_model_order(resolution.family))),
         metadata=metadata,
-        provenance=Provenance(fmt.name, str(header.path), namings),
-        sources=[source],
+        provenance=Provenance(fmt.name, str(where), namings),
+        sources=list(sources.values()),
     )
-    fmt.finish_read(adapters, header, context)
+    for header, _ in parts:
+        fmt.finish_read(adapters, header, context)
     return adapters
 
 

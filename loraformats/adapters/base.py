@@ -36,6 +36,11 @@ class Adapter(ABC):
     #: True when W' - W does not depend on W (LoRA, LoHa, LoKr, full, norm): `delta` is then defined.
     additive: ClassVar[bool] = False
 
+    @classmethod
+    def from_roles(cls, roles: dict[str, TensorData], extras: dict) -> Adapter:
+        """Build from a format's tensors by role plus fields it stores elsewhere (`module_extras`)."""
+        return cls(**roles, **extras)
+
     @abstractmethod
     def tensors(self) -> dict[str, TensorData]:
         """Every tensor this adapter holds, by role (so nothing can be dropped unnoticed)."""

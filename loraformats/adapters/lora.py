@@ -123,6 +123,8 @@ class LoRA(Adapter):
 
     def check(self, layer: Layer, where: str) -> None:
         """Raise `InvalidFileError` unless the factors fit each other and the base layer."""
+        if self.rank_scaling not in ("rank", "sqrt_rank"):
+            raise InvalidFileError(f"{where}: unknown rank scaling {self.rank_scaling!r}")
         problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
         if problem:
             raise InvalidFileError(f"{where}: {problem}")

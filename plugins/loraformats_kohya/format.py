@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from math import prod
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraformats.adapters import Exactness, LoRA
+from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet
 from loraformats.errors import UnsupportedError, UsageError
-from loraformats.families import Component, ComponentHint, Family
+from loraformats.families import Component, ComponentHint, Family, Layer
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule
 from loraformats.header import Header
 from loraformats.report import Step
@@ -20,11 +21,16 @@ from .hashes import sshs_hashes
 
 KEY = re.compile(r"^(?P<prefix>lora_unet|lora_te(?P<slot>\d?))_(?P<name>[^.]+)\.(?P<suffix>.+)$")
 
-ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha"}
+ROLES = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_mid.weight": "mid",
+    "alpha": "alpha",
+    "dora_scale": "magnitude",
+}
 
 #: Suffixes of algorithms this format recognises but does not convert yet, with the reason.
 NOT_YET = {
-    "dora_scale": "DoRA magnitude (dora_scale) is not supported yet",
     "hada_": "LoHa (LyCORIS) modules are not supported yet",
     "lokr_": "LoKr (LyCORIS) modules are not supported yet",
     "diff": "full-weight deltas (LyCORIS 'full') are not supported yet",
@@ -77,7 +83,7 @@ class KohyaFormat(Format):
         "Single safetensors file with `lora_unet_` / `lora_te[N]_` + flattened module names, "
         "`lora_down.weight`, `lora_up.weight`, optional Tucker `lora_mid.weight`, and an `alpha` scalar."
     )
-    capabilities = frozenset({"lora", "lora.tucker"})
+    capabilities = frozenset({"lora", "lora.tucker", "dora", "dora.output", "dora.input"})
     metadata_schema = KohyaMetadata
     options_schema = KohyaOptions
     owned_metadata: ClassVar[tuple[str, ...]] = ("sshs_model_hash", "sshs_legacy_hash")
@@ -127,7 +133,19 @@ class KohyaFormat(Format):
                 stem, ParsedModule(stem, hint, (match["name"],), flat=True, tensors={})
             )
             module.tensors[role] = tensor
+            if role == "magnitude":
+                module.algorithm = "dora"
         return ParsedFile(list(grouped.values()), unsupported)
+
+    def module_extras(
+        self, header: Header, component: Component, path: str, roles: dict[str, TensorData]
+    ) -> dict[str, Any]:
+        """`dora_scale` is (out, 1[, 1, 1]) on the output axis, (1, in[, 1, 1]) on the input axis."""
+        magnitude = roles.get("magnitude")
+        if magnitude is None:
+            return {}
+        shape = magnitude.shape
+        return {"magnitude_axis": "input" if len(shape) >= 2 and shape[0] == 1 and shape[1] > 1 else "output"}
 
     @staticmethod
     def prefix(family: Family, component: Component) -> str:
@@ -140,9 +158,10 @@ class KohyaFormat(Format):
         tensors: list[tuple[str, TensorData]] = []
         namings: dict[str, str] = {}
         rescaled = 0
-        for (component_name, path), adapter in adapters.modules.items():
+        for (component_name, path), module in adapters.modules.items():
+            adapter = module.inner if isinstance(module, DoRA) else module
             if not isinstance(adapter, LoRA):
-                raise UnsupportedError(f"kohya cannot hold {adapter.algorithm} ({component_name}:{path})")
+                raise UnsupportedError(f"kohya cannot hold {module.algorithm} ({component_name}:{path})")
             component = adapters.component(component_name)
             naming = namings.get(component_name) or self._naming(adapters, component, options)
             namings[component_name] = naming
@@ -157,6 +176,9 @@ class KohyaFormat(Format):
                 tensors.append((f"{stem}.lora_mid.weight", adapter.mid))
             if alpha is not None:
                 tensors.append((f"{stem}.alpha", alpha))
+            if isinstance(module, DoRA):
+                layer = component.modules[path]
+                tensors.append((f"{stem}.dora_scale", _dora_scale(module, layer)))
         detail = ", ".join(f"{c} in {n} naming" for c, n in namings.items())
         steps = [
             Step(
@@ -193,7 +215,8 @@ class KohyaFormat(Format):
     @staticmethod
     def _metadata(adapters: AdapterSet, tensors: list[tuple[str, TensorData]]) -> dict[str, str]:
         metadata = dict(adapters.metadata)
-        loras = [a for a in adapters.modules.values() if isinstance(a, LoRA)]
+        loras = [a.inner if isinstance(a, DoRA) else a for a in adapters.modules.values()]
+        loras = [a for a in loras if isinstance(a, LoRA)]
         ranks = {a.rank for a in loras}
         alphas = {a.alpha_value for a in loras}
         # Only a uniform, numerically stated fact that disagrees with the output is updated: sd-scripts'
@@ -208,6 +231,14 @@ class KohyaFormat(Format):
             except ValueError:
                 metadata.pop("sshs_legacy_hash", None)
         return metadata
+
+
+def _dora_scale(module: DoRA, layer: Layer) -> TensorData:
+    """LyCORIS's `dora_scale` layout: explicit singleton dims, so the shape tells the axis."""
+    count = prod(module.magnitude.shape)
+    trailing = (1, 1) if layer.kind == "conv2d" else ()
+    shape = (count, 1, *trailing) if module.axis == "output" else (1, count, *trailing)
+    return module.magnitude if module.magnitude.shape == shape else module.magnitude.reshaped(shape)
 
 
 def _disagrees(text: str | None, value: float) -> bool:

@@ -220,15 +220,22 @@ def clip_component(config: Mapping[str, Any], *, with_projection: bool, slot: in
     model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     with torch.device("meta"):
         model = model_class(CLIPTextConfig(**config))
-    return {
+    modules = module_table(model, checkpoint_path)
+    spec = {
         "role": "text_encoder",
         "slot": slot,
         "class": model_class.__name__,
         "config": _jsonable(config),
         "flat_naming": "canonical",
         "path_aliases": [TEXT_MODEL],
-        "modules": module_table(model, checkpoint_path),
+        "modules": modules,
     }
+    # How this transformers version's class names its modules, where that differs from checkpoints:
+    # PEFT adapters are keyed by these runtime names and do not map the checkpoint spelling.
+    runtime = {checkpoint_path(name): name for name in module_table(model)}
+    if any(canonical != name for canonical, name in runtime.items()):
+        spec["namings"] = {"module": {path: runtime[path] for path in modules}}
+    return spec
 
 
 def family_spec(
