@@ -18,7 +18,7 @@ from .pickles import pickled_by_content, pickled_by_name, refuse, to_safetensors
 from .planning import lower
 from .plugins import registry
 from .report import ConversionReport, Step
-from .writer import refuse_overwriting_inputs, write_safetensors
+from .writer import refuse_overwriting_inputs, write_directory, write_safetensors
 
 PROVENANCE_VERSION = "1"
 
@@ -58,8 +58,18 @@ def open_header(path: str | os.PathLike, *, allow_pickle: bool = False) -> Heade
     if not path.is_file():
         return read_header(path)  # the usual one-line error for a missing path or a directory
     header = read_header(to_safetensors(path))
-    header.temporary = True
+    header.temporary, header.origin = True, path
     return header
+
+
+def sniff_directory(path: Path) -> Format:
+    """The directory format that claims `path` (e.g. a PEFT adapter directory)."""
+    scored = sorted(((f.sniff_path(path).score, f.name) for f in registry.formats().values()), reverse=True)
+    if not scored or scored[0][0] < 0.5:
+        raise UnsupportedError("directory is not a LoRA in any installed directory format", path=path)
+    if len(scored) > 1 and scored[1][0] == scored[0][0]:
+        raise UsageError(f"format is ambiguous ({scored[0][1]}, {scored[1][1]}); pass --from", path=path)
+    return registry.formats()[scored[0][1]]
 
 
 def load(
@@ -70,22 +80,32 @@ def load(
     warnings: list[str] | None = None,
     allow_pickle: bool = False,
 ) -> AdapterSet:
-    """Read a LoRA file into the canonical form (header validated, tensors read lazily)."""
-    header = open_header(path, allow_pickle=allow_pickle)
-    try:
-        fmt = _format(format) if format else sniff_format(header)
-        context = ReadContext(families=registry.families(), family=family)
-        adapters = fmt.read(header, context)
-        if header.temporary:
-            for source in adapters.sources:
-                source.open()  # now: the open descriptor keeps the bytes readable once the file is gone
-    finally:
-        if header.temporary:
-            header.path.unlink(missing_ok=True)
+    """Read a LoRA file or directory into the canonical form (headers validated, tensors lazy)."""
+    path = Path(path)
+    context = ReadContext(families=registry.families(), family=family, allow_pickle=allow_pickle)
+    if path.is_dir():
+        fmt = _format(format) if format else sniff_directory(path)
+        adapters = fmt.read_path(path, context)
+    else:
+        header = open_header(path, allow_pickle=allow_pickle)
+        try:
+            fmt = _format(format) if format else sniff_format(header)
+            adapters = fmt.read(header, context)
+            release_temporary(header, adapters)
+        finally:
+            if header.temporary:
+                header.path.unlink(missing_ok=True)
     adapters.provenance.path = str(path)
     if warnings is not None:
         warnings.extend(context.warnings)
     return adapters
+
+
+def release_temporary(header: Header, adapters: AdapterSet) -> None:
+    """Open every source now, so a temporary file can be deleted while its bytes stay readable."""
+    if header.temporary:
+        for source in adapters.sources:
+            source.open()
 
 
 def _options(fmt: Format, options: dict[str, Any] | None) -> BaseModel | None:
@@ -141,8 +161,11 @@ def convert(
         encoded = target.encode(lowered, write_options)
         steps += encoded.steps
         warnings += encoded.warnings
-        metadata = stash_foreign(encoded.metadata, target, registry.formats().values())
-        metadata.update(_provenance(adapters))
+        files = encoded.files or {"": (encoded.tensors, encoded.metadata)}
+        for name, (tensors, metadata) in files.items():
+            metadata = stash_foreign(metadata, target, registry.formats().values())
+            metadata.update(_provenance(adapters))
+            files[name] = (tensors, metadata)
         exactness = Exactness.IDENTICAL
         for step in steps:
             exactness = exactness.worst(step.exactness)
@@ -153,14 +176,19 @@ def convert(
             target_format=target.name,
             family=adapters.family.name,
             modules=len(adapters.modules),
-            tensors_written=len(encoded.tensors),
+            tensors_written=sum(len(tensors) for tensors, _ in files.values()),
             dry_run=dry_run,
             exactness=exactness,
             steps=steps,
             warnings=warnings,
         )
-        if not dry_run:
-            report.bytes_written = write_safetensors(output_path, encoded.tensors, metadata, overwrite=force)
+        if dry_run:
+            return report
+        if target.container == "directory":
+            report.bytes_written = write_directory(output_path, files, encoded.documents, overwrite=force)
+        else:
+            tensors, metadata = files[""]
+            report.bytes_written = write_safetensors(output_path, tensors, metadata, overwrite=force)
         return report
     except ValueError as error:  # a tensor that fails to decode mid-write is an invalid input
         raise InvalidFileError(str(error), path=source) from None

@@ -52,12 +52,18 @@ class ParsedFile:
 
 @dataclass
 class Encoded:
-    """A format's rendering of an adapter set: tensors in write order, metadata, and its steps."""
+    """A format's rendering of an adapter set: tensors in write order, metadata, and its steps.
+
+    Directory formats fill `files` (relative path -> (tensors, metadata) of one safetensors file)
+    and `documents` (relative path -> bytes, e.g. a JSON config) instead of `tensors`/`metadata`.
+    """
 
     tensors: list[tuple[str, TensorData]]
     metadata: dict[str, str]
     steps: list[Step] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    files: dict[str, tuple[list[tuple[str, TensorData]], dict[str, str]]] = field(default_factory=dict)
+    documents: dict[str, bytes] = field(default_factory=dict)
 
 
 class Format:
@@ -91,6 +97,20 @@ class Format:
         """Group every tensor of the header into modules, or list it as unsupported."""
         raise NotImplementedError
 
+    def sniff_path(self, path: Path) -> Evidence:
+        """For directory formats: how much a directory looks like this format (no tensor data read)."""
+        return Evidence(0.0)
+
+    def parts(self, path: Path, context: ReadContext) -> list[tuple[Header, ParsedFile]]:
+        """For directory formats: the validated header and parse of each weights file."""
+        raise NotImplementedError(f"{self.name} does not read directories")
+
+    def read_path(self, path: Path, context: ReadContext) -> AdapterSet:
+        """For directory formats: build the canonical form from all parts of the directory."""
+        from .assemble import assemble_parts
+
+        return assemble_parts(self, self.parts(path, context), context, where=path)
+
     def read(self, header: Header, context: ReadContext) -> AdapterSet:
         """Build the canonical form. The default resolves `parse` against the families."""
         from .assemble import assemble
@@ -114,8 +134,8 @@ class Format:
         return any(key.startswith(p[:-1]) if p.endswith("*") else key == p for p in self.owned_metadata)
 
     def default_output(self, source: Path) -> Path:
-        stem = source.name.removesuffix(".safetensors")
-        return source.with_name(f"{stem}.{self.name}{self.suffix}")
+        stem = source.name.removesuffix(".safetensors") if source.is_file() else source.name
+        return source.with_name(f"{stem}.{self.name}{self.suffix if self.container == 'file' else ''}")
 
 
 @dataclass
@@ -125,3 +145,4 @@ class ReadContext:
     families: dict[str, Any]
     family: str | None = None
     warnings: list[str] = field(default_factory=list)
+    allow_pickle: bool = False

@@ -6,13 +6,17 @@ Every check happens before any field is used, so a hostile file fails with a one
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from .errors import InvalidFileError, OutputError
 
@@ -26,6 +30,11 @@ DTYPE_SIZES: dict[str, int] = {
 
 #: The safetensors library refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
+
+#: Shapes and offsets beyond int64 cannot be real and would overflow numpy and torch.
+INT64_MAX = 2**63 - 1
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 _PICKLE_HINTS = {b"PK\x03\x04": "a zip archive (PyTorch's torch.save format)", b"\x80": "a Python pickle"}
 
@@ -53,8 +62,10 @@ class Header:
     data_start: int
     file_size: int = 0
     header_bytes: int = field(default=0, repr=False)
-    #: True for a temporary file loraformats made (a pickle re-written as safetensors).
+    #: True for a temporary file loraformats made (a pickle re-written as safetensors)...
     temporary: bool = field(default=False, repr=False)
+    #: ...and then the path the user gave.
+    origin: Path | None = field(default=None, repr=False)
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -76,25 +87,20 @@ def _not_safetensors_hint(first: bytes) -> str:
 def read_header(path: str | os.PathLike) -> Header:
     """Read and validate the header of a safetensors file without touching its data section."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            first = f.read(8)
-            if len(first) < 8:
-                raise InvalidFileError(f"file is {size} bytes, too short for a safetensors header", path=path)
-            (n,) = struct.unpack("<Q", first)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                limit = "the 100 MB cap" if n > MAX_HEADER_BYTES else f"the file size ({size} bytes)"
-                hint = _not_safetensors_hint(first)
-                message = f"header length {n} exceeds {limit}: not a safetensors file{hint}"
-                raise InvalidFileError(message, path=path)
-            raw = f.read(n)
-    except IsADirectoryError:
-        raise InvalidFileError("is a directory, not a safetensors file", path=path) from None
-    except FileNotFoundError:
-        raise InvalidFileError("no such file", path=path) from None
-    except PermissionError:
-        raise OutputError("permission denied while reading", path=path) from None
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        first = _read(f, 8, path)
+        if len(first) < 8:
+            raise InvalidFileError(f"file is {size} bytes, too short for a safetensors header", path=path)
+        (n,) = struct.unpack("<Q", first)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            limit = "the 100 MB cap" if n > MAX_HEADER_BYTES else f"the file size ({size} bytes)"
+            hint = _not_safetensors_hint(first)
+            message = f"header length {n} exceeds {limit}: not a safetensors file{hint}"
+            raise InvalidFileError(message, path=path)
+        raw = _read(f, n, path)
+        if len(raw) < n:
+            raise InvalidFileError("file shrank while its header was read", path=path)
     try:
         return parse_header(raw, path=path, data_size=size - 8 - n)
     except InvalidFileError as error:
@@ -103,22 +109,70 @@ def read_header(path: str | os.PathLike) -> Header:
         raise
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading, or fail with one line.
+
+    The open is non-blocking and the type is checked on the open descriptor (no race with a
+    rename): a FIFO would block forever, and /dev/zero or /dev/urandom never end.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise _open_error(error, path) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise InvalidFileError("is a directory, not a safetensors file", path=path)
+        raise InvalidFileError("is not a regular file (a FIFO, socket or device)", path=path)
+    return os.fdopen(fd, "rb")
+
+
+def _open_error(error: OSError, path: Path) -> InvalidFileError | OutputError:
+    if isinstance(error, IsADirectoryError):
+        return InvalidFileError("is a directory, not a safetensors file", path=path)
+    if isinstance(error, FileNotFoundError):
+        return InvalidFileError("no such file", path=path)
+    if isinstance(error, PermissionError):
+        return OutputError("permission denied while reading", path=path)
+    if error.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR):
+        return InvalidFileError(f"cannot open: {error.strerror}", path=path)
+    return OutputError(f"cannot read: {error.strerror or error}", path=path)
+
+
+def _read(f: BinaryIO, n: int, path: Path) -> bytes:
+    try:
+        return f.read(n)
+    except OSError as error:
+        raise OutputError(f"cannot read: {error.strerror or error}", path=path) from None
+
+
 def parse_header(raw: bytes, *, path: str | os.PathLike = "<header>", data_size: int | None = None) -> Header:
     """Validate header bytes. With `data_size`, offsets must tile the data section exactly."""
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        doc = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_no_constant
+        )
     except UnicodeDecodeError:
         raise InvalidFileError("header is not UTF-8 text") from None
     except json.JSONDecodeError as error:
         raise InvalidFileError(f"header is not valid JSON ({error.msg} at byte {error.pos})") from None
+    except ValueError as error:  # e.g. an integer literal longer than Python's 4300-digit limit
+        raise InvalidFileError(f"header is not valid JSON ({str(error).split(':')[0]})") from None
+    except RecursionError:
+        raise InvalidFileError("header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidFileError("header JSON is not an object")
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidFileError("__metadata__ must map strings to strings")
+    _check_text([*metadata, *metadata.values()], "__metadata__")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
         tensors[name] = _tensor_info(name, entry)
+    _check_text(tensors, "tensor name")
     _check_layout(tensors, data_size)
     return Header(
         path=Path(path),
@@ -130,19 +184,38 @@ def parse_header(raw: bytes, *, path: str | os.PathLike = "<header>", data_size:
     )
 
 
+def _no_constant(name: str) -> None:
+    raise InvalidFileError(f"header is not valid JSON ({name} is not a JSON number)")
+
+
+def _check_text(strings: Iterable[str], what: str) -> None:
+    """Strings must be real Unicode (no lone surrogates from `\\ud800` escapes): they are printed and
+    re-encoded later. Tensor names must also be free of control characters, so that every message
+    naming one stays on one line (metadata values may hold newlines)."""
+    for text in strings:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidFileError(f"{what} {text!r} is not valid Unicode") from None
+        if what == "tensor name" and _CONTROL.search(text):
+            raise InvalidFileError(f"{what} {text!r} contains control characters")
+
+
 def _tensor_info(name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InvalidFileError(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPE_SIZES:
         raise InvalidFileError(f"tensor {name!r}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise InvalidFileError(f"tensor {name!r}: shape must be a list of non-negative integers")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= INT64_MAX for d in shape):
+        raise InvalidFileError(f"tensor {name!r}: shape must list non-negative integers below 2**63")
+    if prod(d for d in shape if d) > INT64_MAX:  # later numpy/torch code would overflow int64
+        raise InvalidFileError(f"tensor {name!r}: shape {shape} has more than 2**63 elements")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not 0 <= offsets[0] <= offsets[1] <= INT64_MAX
     ):
         raise InvalidFileError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
     start, end = offsets

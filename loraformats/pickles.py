@@ -11,7 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import InvalidFileError, UnsupportedError
+from .errors import InvalidFileError, LoraFormatsError, UnsupportedError
+from .header import open_regular
 
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin"})
 
@@ -24,9 +25,9 @@ def pickled_by_content(path: Path) -> bool:
     """A torch zip archive or a raw pickle (protocol 2-5). Ask only once safetensors parsing failed:
     a valid safetensors header length can start with the same bytes."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:  # never open a FIFO blocking, nor read a device
             first = handle.read(4)
-    except OSError:
+    except (OSError, LoraFormatsError):
         return False
     return first.startswith(b"PK\x03\x04") or (len(first) > 1 and first[0] == 0x80 and 2 <= first[1] <= 5)
 

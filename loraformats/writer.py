@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import OutputError, UsageError
-from .tensors import TensorData
+from .errors import InvalidFileError, OutputError, UsageError
+from .tensors import TensorData, _write_all
 
 
 def build_header(tensors: Sequence[tuple[str, TensorData]], metadata: dict[str, str]) -> bytes:
@@ -37,13 +39,22 @@ def build_header(tensors: Sequence[tuple[str, TensorData]], metadata: dict[str, 
 
 def refuse_overwriting_inputs(dest: Path, inputs: Iterable[Path]) -> None:
     """Never write over a file we are reading, even with --force."""
-    target = dest.resolve()
+    target = _resolved(dest)
     for source in inputs:
-        source = Path(source).resolve()
+        source = _resolved(Path(source))
         if target == source or (target.exists() and source.exists() and os.path.samefile(target, source)):
             raise UsageError("output would overwrite the input; choose another output path", path=dest)
         if source.is_dir() and source in target.parents:
             raise UsageError("output would be written inside the input directory", path=dest)
+
+
+def _resolved(path: Path) -> Path:
+    """The real path; a symlink loop cannot be resolved, but then it cannot be read (nor be the
+    input) either, so its absolute spelling is enough to compare."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 on a symlink loop
+        return Path(os.path.abspath(path))
 
 
 def write_safetensors(
@@ -55,24 +66,30 @@ def write_safetensors(
 ) -> int:
     """Write atomically; returns the number of bytes written."""
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise UsageError("output exists; pass --force to replace it", path=dest)
     if dest.is_dir():
         raise UsageError("output is a directory; give a file path", path=dest)
+    if os.path.lexists(dest):
+        if not overwrite:
+            raise UsageError("output exists; pass --force to replace it", path=dest)
+        if not stat.S_ISREG(os.lstat(dest).st_mode) and not dest.is_symlink():
+            # os.replace would swap a device (/dev/null as root), FIFO or socket for a regular file
+            raise UsageError("output is not a regular file; refusing to replace it", path=dest)
     header = build_header(tensors, metadata)
+    size = 8 + len(header) + sum(t.nbytes for _, t in tensors)
     directory = dest.parent if str(dest.parent) else Path(".")
     try:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{dest.name}.", suffix=".partial")
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{dest.name[:64]}.", suffix=".partial")
     except OSError as error:
         raise OutputError(f"cannot create a file in {directory}: {error.strerror}", path=dest) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        os.write(fd, len(header).to_bytes(8, "little"))
-        os.write(fd, header)
+        _write_all(fd, len(header).to_bytes(8, "little") + header)  # os.write alone may write less
         for _, tensor in tensors:
             tensor.write_to(fd)
+        if os.fstat(fd).st_size != size:  # a source shrank under us: its tensors were cut short
+            raise InvalidFileError("an input file changed while it was being read; nothing was written")
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -85,7 +102,7 @@ def write_safetensors(
         if isinstance(error, OSError):
             raise OutputError(f"writing failed: {error.strerror or error}", path=dest) from None
         raise
-    return 8 + len(header) + sum(t.nbytes for _, t in tensors)
+    return size
 
 
 def _sync_directory(directory: Path) -> None:
@@ -99,3 +116,56 @@ def _sync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_directory(
+    dest: str | os.PathLike,
+    files: dict[str, tuple[Sequence[tuple[str, TensorData]], dict[str, str]]],
+    documents: dict[str, bytes],
+    *,
+    overwrite: bool = False,
+) -> int:
+    """Write a directory of safetensors files and documents atomically: built beside the
+    destination under a temporary name, then renamed into place (an old one is replaced only then)."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise UsageError("output exists; pass --force to replace it", path=dest)
+    if dest.exists() and not dest.is_dir():
+        raise UsageError("output exists and is not a directory", path=dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.", suffix=".partial"))
+    except OSError as error:
+        raise OutputError(f"cannot create a directory in {parent}: {error.strerror}", path=dest) from None
+    try:
+        written = 0
+        for relative, (tensors, metadata) in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written += write_safetensors(target, tensors, metadata)
+        for relative, data in documents.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            written += len(data)
+        os.chmod(staging, 0o777 & ~_umask())
+        retired = None
+        if dest.exists():
+            retired = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.", suffix=".old"))
+            os.replace(dest, retired / dest.name)
+        os.replace(staging, dest)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+        _sync_directory(parent)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"writing failed: {error.strerror or error}", path=dest) from None
+        raise
+    return written
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

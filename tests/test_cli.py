@@ -63,7 +63,7 @@ REFUSALS = {
         "lora_unet_not_a_module",
     ),
     "LoHa module": (lambda t: t.update({f"{FIRST}.hada_w1_a": torch.zeros(320, 4)}), 4, "LoHa"),
-    "DoRA magnitude": (lambda t: t.update({f"{FIRST}.dora_scale": torch.zeros(320, 1)}), 4, "DoRA"),
+    "input-axis DoRA": (lambda t: t.update({f"{FIRST}.dora_scale": torch.ones(1, 320)}), 4, "dora.input"),
     "bundled embedding": (
         lambda t: t.update({"bundle_emb.style.string_to_param.*": torch.zeros(1, 768)}),
         4,

@@ -1,0 +1,142 @@
+"""PEFT `LoraConfig` semantics, shared by the PEFT and diffusers formats.
+
+Pattern keys are regular expressions matched the way PEFT does: module path P uses the first
+key K (in dict order) for which P matches `(.*\\.)?(K)$`; modules matching no key fall back to
+`r` / `lora_alpha` (not to their own rank).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraformats.errors import InvalidFileError, UnsupportedError
+
+#: `init_lora_weights` values that rewrite the base weights at initialisation: the saved adapter is
+#: then a delta against a modified base, not against the model users load.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+#: Config fields that make an adapter something other than a plain per-module delta.
+REFUSED_FIELDS = {
+    "modules_to_save": "full replacement weights (modules_to_save) are not an adapter delta",
+    "layer_replication": "layer_replication changes the model's structure",
+    "trainable_token_indices": "trainable token deltas are not supported yet",
+    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported yet",
+    "alora_invocation_tokens": "activated LoRA depends on the input tokens",
+    "arrow_config": "Arrow routing depends on the input",
+    "use_qalora": "QA-LoRA is tied to a quantised base",
+    "use_bdlora": "block-diagonal LoRA is not supported yet",
+}
+
+
+class LoraConfigFields(BaseModel):
+    """The `LoraConfig` fields that change the maths (others are kept but do not matter here)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    peft_type: str | None = Field(None, description="LORA (LOHA, LOKR, OFT, ... not yet)")
+    r: int = Field(8, description="default rank")
+    lora_alpha: float = Field(8, description="default alpha; scale = alpha / r (or / sqrt(r))")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="regex -> rank")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="regex -> alpha")
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = Field(False, description="scale = alpha / sqrt(r)")
+    use_dora: bool = Field(False, description="lora_magnitude_vector: weight-decomposed LoRA")
+    lora_bias: bool = Field(False, description="lora_B.bias (not supported yet)")
+    fan_in_fan_out: bool = Field(False, description="transposed weights (GPT-2 Conv1D; not supported)")
+    init_lora_weights: bool | str = True
+
+    def refusal(self) -> str | None:
+        """Why this config cannot be converted as a plain set of deltas, or None."""
+        if self.peft_type not in (None, "LORA"):
+            return f"PEFT {self.peft_type} adapters are not supported yet"
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower().startswith(
+            BASE_REWRITING_INITS
+        ):
+            return (
+                f"init_lora_weights={self.init_lora_weights!r} rewrites the base weights; convert the "
+                "adapter with PEFT's path_initial_model_for_weight_conversion first"
+            )
+        for name, why in REFUSED_FIELDS.items():
+            if getattr(self, name, None):
+                return why
+        for flag, what in (("lora_bias", "LoRA bias (lora_B.bias)"), ("fan_in_fan_out", "fan_in_fan_out")):
+            if getattr(self, flag):
+                return f"{what} is not supported yet"
+        return None
+
+
+def pattern_value(patterns: dict, names: Iterable[str]) -> Any:
+    """The value of the first pattern matching any spelling of the module, PEFT-style; else None."""
+    for key, value in patterns.items():
+        for name in names:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+    return None
+
+
+def module_settings(config: LoraConfigFields, names: list[str], rank: int, where: str) -> dict[str, Any]:
+    """alpha and rank scaling of one module under `config`; its rank must agree with the tensors."""
+    stated = pattern_value(config.rank_pattern, names)
+    stated = config.r if stated is None else stated
+    if stated != rank:
+        raise InvalidFileError(f"{where}: the config gives rank {stated}, the tensors {rank}")
+    alpha = pattern_value(config.alpha_pattern, names)
+    return {
+        "alpha": config.lora_alpha if alpha is None else alpha,
+        "rank_scaling": "sqrt_rank" if config.use_rslora else "rank",
+    }
+
+
+def checked(config: LoraConfigFields, where: str) -> LoraConfigFields:
+    problem = config.refusal()
+    if problem:
+        raise UnsupportedError(problem, path=where)
+    return config
+
+
+def peft_name(path: str, aliases: Iterable[str]) -> str:
+    """The module name without wrappers a runtime may drop (CLIP's `text_model.` in transformers >= 5).
+
+    PEFT matches target names by suffix and patterns with `(.*\\.)?(KEY)$`, so the stripped name
+    matches the module with or without the wrapper.
+    """
+    for alias in aliases:
+        if path.startswith(alias):
+            return path[len(alias) :]
+    return path
+
+
+def number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def build_config(
+    modules: dict[str, tuple[int, float]],
+    aliases: Iterable[str] = (),
+    *,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+) -> dict[str, Any]:
+    """A complete LoraConfig dict for modules {path: (rank, alpha)}: defaults plus patterns for the rest.
+
+    The most common rank and alpha become `r` / `lora_alpha` (as PEFT's own tools choose); every
+    other module gets an escaped, exact-name pattern.
+    """
+    names = {path: peft_name(path, aliases) for path in modules}
+    r = Counter(rank for rank, _ in modules.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": number(alpha),
+        "rank_pattern": {re.escape(names[p]): rk for p, (rk, _) in modules.items() if rk != r},
+        "alpha_pattern": {re.escape(names[p]): number(a) for p, (_, a) in modules.items() if a != alpha},
+        "target_modules": sorted(names.values()),
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "lora_bias": False,
+    }

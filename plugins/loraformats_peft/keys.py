@@ -1,0 +1,141 @@
+"""PEFT's tensor naming, shared by the PEFT and diffusers formats: factor suffixes, DoRA magnitudes,
+and the `loraformats.alphas` note that lets a round trip restore the original alpha tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from loraformats.adapters import Adapter, DoRA, LoRA
+from loraformats.canonical import AdapterSet, ModuleKey
+from loraformats.errors import UnsupportedError
+from loraformats.families import Layer
+from loraformats.formats import ReadContext
+from loraformats.header import Header
+from loraformats.tensors import ComputedTensor, MemoryTensor, TensorData, torch_dtype
+
+ALPHAS_KEY = "loraformats.alphas"
+
+SUFFIXES = (  # (suffix, role); the module path is what precedes the suffix
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".alpha", "alpha"),
+)
+#: `…lora_A.<adapter name>.weight`: a state dict saved with the adapter name left in.
+NAMED = re.compile(r"^(?P<stem>.+)\.lora_(?P<factor>A|B)\.(?P<adapter>[A-Za-z0-9_-]+)\.weight$")
+NOT_YET = {
+    "lora_B.bias": "LoRA bias (lora_B.bias) is not supported yet",
+    "lora_embedding_": "embedding LoRA (lora_embedding_A/B) is not supported yet",
+    "hada_": "LoHa modules are not supported yet",
+    "lokr_": "LoKr modules are not supported yet",
+    "oft_": "OFT modules are not supported yet",
+    "boft_": "BOFT modules are not supported yet",
+    "ia3_l": "(IA)3 modules are not supported yet",
+}
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(module stem, role) of a PEFT-style tensor name, or None."""
+    for suffix, role in SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    named = NAMED.match(key)
+    if named:
+        return named["stem"], "down" if named["factor"] == "A" else "up"
+    return None
+
+
+def not_yet(key: str, default: str) -> str:
+    return next((why for part, why in NOT_YET.items() if part in key), default)
+
+
+def parts(module: Adapter, where: str) -> tuple[LoRA, DoRA | None]:
+    """The plain LoRA inside a module, and the DoRA wrapper if any; anything else is refused."""
+    dora = module if isinstance(module, DoRA) else None
+    lora = dora.inner if dora else module
+    if not isinstance(lora, LoRA) or lora.mid is not None or (dora and dora.axis != "output"):
+        raise UnsupportedError(f"PEFT-style LoRA cannot hold {sorted(module.features())} ({where})")
+    return lora, dora
+
+
+def shaped(factor: TensorData, layer: Layer) -> TensorData:
+    """PEFT's factor shapes for the layer kind: 4-D on convs, 2-D on linears (bytes unchanged)."""
+    shape = (
+        (factor.shape if len(factor.shape) == 4 else (*factor.shape, 1, 1))
+        if layer.kind == "conv2d"
+        else (factor.shape[:2])
+    )
+    return factor if shape == factor.shape else factor.reshaped(shape)
+
+
+def magnitude(dora: DoRA, layer: Layer) -> TensorData:
+    """PEFT's `lora_magnitude_vector` layout: (out,) on linears, (1, out, 1, 1) on convs."""
+    count = math.prod(dora.magnitude.shape)
+    shape = (1, count, 1, 1) if layer.kind == "conv2d" else (count,)
+    return dora.magnitude if dora.magnitude.shape == shape else dora.magnitude.reshaped(shape)
+
+
+def module_tensors(stem: str, module: Adapter, layer: Layer, down: TensorData, up: TensorData) -> list:
+    """The tensors of one module under `stem`, given its (possibly rescaled) factors."""
+    tensors = [(f"{stem}.lora_A.weight", shaped(down, layer)), (f"{stem}.lora_B.weight", shaped(up, layer))]
+    if isinstance(module, DoRA):
+        tensors.append((f"{stem}.lora_magnitude_vector", magnitude(module, layer)))
+    return tensors
+
+
+def alpha_note(lora: LoRA) -> dict[str, Any] | None:
+    """The original alpha tensor (dtype, shape, bytes), for a round trip to restore bit for bit."""
+    if lora.alpha is None:
+        return None
+    note = {"dtype": lora.alpha.dtype, "shape": list(lora.alpha.shape), "hex": lora.alpha.read_bytes().hex()}
+    if lora.rank_scaling != "rank":
+        note["rank_scaling"] = lora.rank_scaling
+    return note
+
+
+def encode_notes(notes: dict[ModuleKey, dict]) -> str:
+    return json.dumps(
+        {f"{c}:{p}": note for (c, p), note in notes.items()}, sort_keys=True, separators=(",", ":")
+    )
+
+
+def rescaled(factor: TensorData, log2: int, dtype: str | None = None) -> TensorData:
+    """factor * 2**log2 as `dtype` (default: its own): exact whenever the result is representable."""
+    dtype = dtype or factor.dtype
+
+    def compute():
+        import torch
+
+        return (factor.to_torch().to(torch.float64) * math.ldexp(1.0, log2)).to(torch_dtype(dtype))
+
+    return ComputedTensor(compute, dtype, factor.shape)
+
+
+def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -> None:
+    """Undo what a loraformats write did to alphas (recorded under `loraformats.alphas`)."""
+    try:
+        notes = json.loads(header.metadata.get(ALPHAS_KEY, "{}"))
+    except json.JSONDecodeError:
+        notes = None
+    if not isinstance(notes, dict):
+        context.warnings.append(f"ignored an unreadable {ALPHAS_KEY} entry")
+        return
+    for address, note in notes.items():
+        component, _, path = address.partition(":")
+        module = adapters.modules.get((component, path))
+        lora = module.inner if isinstance(module, DoRA) else module
+        try:
+            alpha = MemoryTensor(bytes.fromhex(note["hex"]), note["dtype"], tuple(note["shape"]))
+            folded = note.get("folded")
+            if not isinstance(lora, LoRA) or (folded and folded["factor"] not in ("up", "down")):
+                raise ValueError(address)
+            if folded:
+                factor = getattr(lora, folded["factor"])
+                restored = rescaled(factor, -int(folded["log2"]), folded.get("dtype", factor.dtype))
+                setattr(lora, folded["factor"], restored)
+            lora.alpha, lora.rank_scaling = alpha, note.get("rank_scaling", "rank")
+        except (KeyError, ValueError, TypeError):
+            context.warnings.append(f"ignored a {ALPHAS_KEY} note that does not fit this file: {address}")
