@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .adapters import ALGORITHMS, Adapter
 from .canonical import AdapterSet, ModuleKey, Provenance
 from .errors import InvalidFileError, UnsupportedError
-from .families import CANONICAL, Component, Family
+from .families import CANONICAL, Component, ComponentHint, Family, Layer
 from .formats import Format, ParsedFile, ParsedModule, ReadContext
 from .header import Header
 from .tensors import FileTensor, SourceFile
@@ -22,7 +22,8 @@ from .tensors import FileTensor, SourceFile
 #: Header entries loraformats itself writes; all live under this prefix.
 NOTE_PREFIX = "loraformats."
 STASH_KEY = "loraformats.stash"
-NAMINGS_KEY = "loraformats.namings"
+NAMINGS_KEY = "loraformats.namings"  # the naming of the source's flattened (Kohya-style) names
+SPELLINGS_KEY = "loraformats.spellings"  # the naming of the source's dotted names
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Resolution:
     matches: list[Match] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     misfit: list[str] = field(default_factory=list)
+    #: module key -> the layer its name resolved to but its shapes did not fit (says which shapes decided).
+    misfit_layers: dict[str, Layer] = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -62,19 +65,39 @@ def _examples(items: list[str], limit: int = 3) -> str:
     return f"{shown} (+{len(items) - limit} more)" if len(items) > limit else shown
 
 
+_UNSEEN = object()
+
+
 def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
-    """Find each parsed module in `family` (by name, then by shape). Reads only the header."""
+    """Find each parsed module in `family` (by name, then by shape). Reads only the header.
+
+    Detection runs this for every family over every module, so it is kept lean: components are
+    looked up once per hint, and a shape verdict once per (algorithm, layer, shapes) -- files
+    repeat a few geometries hundreds of times.
+    """
     result = Resolution(family)
+    tensors = header.tensors
+    components: dict[ComponentHint, list[Component]] = {}
+    verdicts: dict[tuple, str | None] = {}
     for module in parsed.modules:
-        shapes = {role: header.tensors[name].shape for role, name in module.tensors.items()}
-        algorithm = ALGORITHMS[module.algorithm]
-        found, problem = None, None
-        for component in family.find_components(module.hint):
+        candidates = components.get(module.hint)
+        if candidates is None:
+            candidates = components[module.hint] = family.find_components(module.hint)
+        found, problem, layer, signature = None, None, None, None
+        for component in candidates:
+            lookup = component.resolve_flat if module.flat else component.resolve_dotted
             for name in module.names:
-                hit = component.resolve_flat(name) if module.flat else component.resolve_dotted(name)
+                hit = lookup(name)
                 if hit is None:
                     continue
-                problem = algorithm.shape_problem(shapes, component.modules[hit[0]])
+                layer = component.modules[hit[0]]
+                if signature is None:
+                    signature = (module.algorithm, *[(r, tensors[t].shape) for r, t in module.tensors.items()])
+                key = (id(layer), signature)  # equal layers are one object (see `Layer.from_spec`)
+                problem = verdicts.get(key, _UNSEEN)
+                if problem is _UNSEEN:
+                    shapes = dict(signature[1:])
+                    problem = verdicts[key] = ALGORITHMS[module.algorithm].shape_problem(shapes, layer)
                 if problem is None:
                     found = Match(module, component, *hit)
                     break
@@ -84,6 +107,7 @@ def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
             result.matches.append(found)
         elif problem:
             result.misfit.append(f"{module.key} ({problem})")
+            result.misfit_layers[module.key] = layer
         else:
             result.unknown.append(module.key)
     return result
@@ -100,6 +124,7 @@ def resolve_parts(parts: list[Part], family: Family) -> Resolution:
         combined.matches += single.matches
         combined.unknown += single.unknown
         combined.misfit += single.misfit
+        combined.misfit_layers.update(single.misfit_layers)
     return combined
 
 
@@ -170,7 +195,7 @@ def assemble_parts(
     part_of = {id(module): parsed for _, parsed in parts for module in parsed.modules}
     modules: dict[ModuleKey, Adapter] = {}
     origin: dict[ModuleKey, str] = {}
-    flat_namings: dict[str, Counter] = {}
+    used: dict[tuple[bool, str], Counter] = {}  # (flat?, component) -> namings seen
     for match in resolution.matches:
         header = headers[id(part_of[id(match.module)])]
         key = (match.component.name, match.path)
@@ -189,25 +214,28 @@ def assemble_parts(
         adapter = ALGORITHMS[match.module.algorithm].from_roles(roles, extras)
         adapter.check(match.component.modules[match.path], match.module.key)
         modules[key], origin[key] = adapter, match.module.key
-        if match.module.flat:
-            flat_namings.setdefault(match.component.name, Counter())[match.naming] += 1
-    namings = {}
-    for component, counts in flat_namings.items():
+        used.setdefault((match.module.flat, match.component.name), Counter())[match.naming] += 1
+    namings = {"flat": {}, "dotted": {}}
+    for (flat, component), counts in used.items():
         (naming, _), *others = counts.most_common()
         if others:
             context.warnings.append(f"{component} mixes namings {dict(counts)}; writing {naming} where asked")
-        namings[component] = naming
+        namings["flat" if flat else "dotted"][component] = naming
     metadata: dict[str, str] = {}
     for header, _ in parts:
         metadata.update(own_metadata(header.metadata))
-        for component, naming in _notes(header, NAMINGS_KEY).items():
-            if namings.get(component, CANONICAL) == CANONICAL and component in resolution.family.components:
-                namings[component] = naming
+        for kind, key in (("flat", NAMINGS_KEY), ("dotted", SPELLINGS_KEY)):
+            for component, naming in _notes(header, key).items():
+                if (
+                    namings[kind].get(component, CANONICAL) == CANONICAL
+                    and component in resolution.family.components
+                ):
+                    namings[kind][component] = naming
     adapters = AdapterSet(
         family=resolution.family,
         modules=dict(sorted(modules.items(), key=_model_order(resolution.family))),
         metadata=metadata,
-        provenance=Provenance(fmt.name, str(where), namings),
+        provenance=Provenance(fmt.name, str(where), namings["flat"], namings["dotted"]),
         sources=list(sources.values()),
     )
     for header, _ in parts:

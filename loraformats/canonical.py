@@ -19,7 +19,8 @@ class Provenance:
 
     format: str
     path: str
-    namings: dict[str, str] = field(default_factory=dict)  # component -> naming the source used
+    namings: dict[str, str] = field(default_factory=dict)  # component -> naming of flattened names
+    spellings: dict[str, str] = field(default_factory=dict)  # component -> naming of dotted names
     notes: dict[str, Any] = field(default_factory=dict)  # format-specific round-trip facts
 
 

@@ -9,9 +9,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .adapters import Exactness
-from .assemble import stash_foreign
+from .assemble import NAMINGS_KEY, SPELLINGS_KEY, stash_foreign
 from .canonical import AdapterSet
 from .errors import InvalidFileError, UnsupportedError, UsageError
+from .families import CANONICAL
 from .formats import Format, ReadContext
 from .header import Header, read_header
 from .pickles import pickled_by_content, pickled_by_name, refuse, to_safetensors
@@ -205,6 +206,8 @@ def _provenance(adapters: AdapterSet) -> dict[str, str]:
         "loraformats.version": __version__,
         "loraformats.source_format": adapters.provenance.format,
     }
-    if adapters.provenance.namings:
-        notes["loraformats.namings"] = json.dumps(adapters.provenance.namings, sort_keys=True)
+    if adapters.provenance.namings:  # even canonical: a Kohya writer's default may differ (SDXL)
+        notes[NAMINGS_KEY] = json.dumps(adapters.provenance.namings, sort_keys=True)
+    if any(naming != CANONICAL for naming in adapters.provenance.spellings.values()):
+        notes[SPELLINGS_KEY] = json.dumps(adapters.provenance.spellings, sort_keys=True)
     return notes

@@ -37,12 +37,18 @@ class Layer:
 
     @classmethod
     def from_spec(cls, entry: list) -> Layer:
+        """The layer of a spec entry; equal layers are one shared object, so hot paths can key on `id`."""
         kind, fan_in, fan_out, *rest = entry
-        return cls(kind, fan_in, fan_out, tuple(rest[0]) if rest else (1, 1))
+        layer = cls(kind, fan_in, fan_out, tuple(rest[0]) if rest else (1, 1))
+        return _LAYERS.setdefault(layer, layer)
 
     def to_spec(self) -> list:
         entry: list = [self.kind, self.in_features, self.out_features]
         return [*entry, list(self.kernel)] if self.kind == "conv2d" else entry
+
+
+#: Every distinct layer geometry read from a spec (a few hundred at most).
+_LAYERS: dict[Layer, Layer] = {}
 
 
 @dataclass(frozen=True)

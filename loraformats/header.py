@@ -34,6 +34,8 @@ MAX_HEADER_BYTES = 100_000_000
 #: Shapes and offsets beyond int64 cannot be real and would overflow numpy and torch.
 INT64_MAX = 2**63 - 1
 
+NOT_REGULAR = "is not a regular file (a FIFO, socket or device)"
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 _PICKLE_HINTS = {b"PK\x03\x04": "a zip archive (PyTorch's torch.save format)", b"\x80": "a Python pickle"}
@@ -124,7 +126,7 @@ def open_regular(path: Path) -> BinaryIO:
         os.close(fd)
         if stat.S_ISDIR(mode):
             raise InvalidFileError("is a directory, not a safetensors file", path=path)
-        raise InvalidFileError("is not a regular file (a FIFO, socket or device)", path=path)
+        raise InvalidFileError(NOT_REGULAR, path=path)
     return os.fdopen(fd, "rb")
 
 
@@ -135,6 +137,8 @@ def _open_error(error: OSError, path: Path) -> InvalidFileError | OutputError:
         return InvalidFileError("no such file", path=path)
     if isinstance(error, PermissionError):
         return OutputError("permission denied while reading", path=path)
+    if error.errno == errno.ENXIO:  # a socket
+        return InvalidFileError(NOT_REGULAR, path=path)
     if error.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR):
         return InvalidFileError(f"cannot open: {error.strerror}", path=path)
     return OutputError(f"cannot read: {error.strerror or error}", path=path)
@@ -205,7 +209,7 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InvalidFileError(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InvalidFileError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= INT64_MAX for d in shape):
         raise InvalidFileError(f"tensor {name!r}: shape must list non-negative integers below 2**63")

@@ -35,6 +35,7 @@ TUCKER_TARGETS = re.compile(r"resnets\.\d+\.conv2$")
 #: Scale (alpha / rank) cycles per alpha policy; None = no alpha tensor (alpha = rank).
 ALPHA_POLICIES: dict[str, tuple[float | None, ...]] = {
     "mixed": (1.0, 2.0, 0.75, None, 0.5, 1.5, 0.25, 1.25),
+    "varied": (1.0, 2.0, 0.75, 0.5, 1.5, 0.25, 1.25),  # "mixed" with an alpha tensor on every module
     "rank": (1.0,),
     "pow2": (2.0, 0.5, 1.0, 0.25, 4.0),
     "nonpow2": (0.75, 1.5, 1.25, 0.375, 3.0),
@@ -120,7 +121,8 @@ def make_kohya(
     for index, (component_name, module_path) in enumerate(target_keys(family, components)):
         component = family.components[component_name]
         layer = component.modules[module_path]
-        stem = f"{kohya_prefix(family, component)}_{module_name(component, module_path, naming).replace('.', '_')}"
+        flat = module_name(component, module_path, naming).replace(".", "_")
+        stem = f"{kohya_prefix(family, component)}_{flat}"
         r = ranks[index % len(ranks)]
 
         def randn(*shape: int) -> torch.Tensor:
@@ -132,7 +134,11 @@ def make_kohya(
             down, mid = randn(r, layer.in_features, 1, 1), randn(r, r, *layer.kernel)
             up = randn(layer.out_features, r, 1, 1)
         else:
-            down, up, mid = randn(r, layer.in_features, *layer.kernel), randn(layer.out_features, r, 1, 1), None
+            down, up, mid = (
+                randn(r, layer.in_features, *layer.kernel),
+                randn(layer.out_features, r, 1, 1),
+                None,
+            )
         tensors[f"{stem}.lora_down.weight"] = down
         tensors[f"{stem}.lora_up.weight"] = up
         if mid is not None:
@@ -178,7 +184,9 @@ def reference_deltas(path: str | Path, family: Any) -> dict[Key, torch.Tensor]:
             mid, down2 = roles["lora_mid.weight"], down.reshape(r, -1)  # (r, r, kh, kw), (r, in)
             delta = torch.einsum("oa,abhw,bi->oihw", up2, mid, down2)
         else:
-            delta = (up2 @ down.reshape(r, -1)).reshape(layer.out_features, layer.in_features, *down.shape[2:])
+            delta = (up2 @ down.reshape(r, -1)).reshape(
+                layer.out_features, layer.in_features, *down.shape[2:]
+            )
         shape = (layer.out_features, layer.in_features, *layer.kernel) if layer.kind == "conv2d" else (
             layer.out_features, layer.in_features)  # fmt: skip
         deltas[key] = scale * delta.reshape(shape)
@@ -203,7 +211,9 @@ def component_module(pipe: Any, key: Key) -> torch.nn.Module:
 def snapshot(pipe: Any, family: Any) -> dict[Key, torch.Tensor]:
     """float64 copies of every Linear / Conv2d weight the family lists (the base for `module_changes`)."""
     return {
-        (component.name, path): component_module(pipe, (component.name, path)).weight.detach().to(torch.float64)
+        (component.name, path): component_module(pipe, (component.name, path))
+        .weight.detach()
+        .to(torch.float64)
         for component, path, layer in family.iter_modules()
         if layer.kind in ("linear", "conv2d")
     }
@@ -211,7 +221,9 @@ def snapshot(pipe: Any, family: Any) -> dict[Key, torch.Tensor]:
 
 def module_changes(before: dict[Key, torch.Tensor], pipe: Any) -> dict[Key, torch.Tensor]:
     """W' - W in float64 for every snapshotted module (zero tensors where nothing changed)."""
-    return {key: component_module(pipe, key).weight.detach().to(torch.float64) - w for key, w in before.items()}
+    return {
+        key: component_module(pipe, key).weight.detach().to(torch.float64) - w for key, w in before.items()
+    }
 
 
 def changed(changes: dict[Key, torch.Tensor]) -> set[Key]:
@@ -264,7 +276,9 @@ def per_component(keys: Iterable[Key]) -> dict[str, int]:
 def _peft_config(r: int, alpha: float, targets: list[str], patterns: dict | None):
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=targets, **(patterns or {}))
+    return LoraConfig(
+        r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=targets, **(patterns or {})
+    )
 
 
 #: Per-component rank/alpha patterns for the "patterns" variant (PEFT regexes, matched on suffixes).
@@ -285,13 +299,15 @@ def make_diffusers(
     patterns: bool = False,
     r: int = 4,
     lora_alpha: float = 8,
+    components: Iterable[str] | None = None,
 ) -> tuple[Path, dict[Key, torch.Tensor]]:
     """A LoRA trained-and-saved the diffusers way; returns (file, ΔW per module as PEFT computes it).
 
     `add_adapter(LoraConfig(...))` on the UNet and every text encoder, every lora_A / lora_B set to
     N(0, 1) values representable in `dtype`, then `save_lora_weights` with the configs as
     `*_lora_adapter_metadata` (state dicts cast to `dtype`). The expected changes are PEFT's own
-    `get_delta_weight` on a float64 copy of each adapted layer.
+    `get_delta_weight` on a float64 copy of each adapted layer. `components` limits which models
+    get an adapter (default: the UNet and every text encoder).
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
@@ -299,7 +315,7 @@ def make_diffusers(
     family = tiny_family(family_name)
     pipe = build_pipeline(family_name, seed=seed + 1000)
     generator = torch.Generator().manual_seed(seed)
-    names = [c.name for c in family.components.values()]
+    names = [c.name for c in family.components.values() if components is None or c.name in components]
     layers: dict[str, dict[str, torch.Tensor]] = {}
     configs: dict[str, dict] = {}
     expected: dict[Key, torch.Tensor] = {}
@@ -319,7 +335,9 @@ def make_diffusers(
                 canonical = path if name == "unet" or path.startswith("text_model.") else f"text_model.{path}"
                 double = copy.deepcopy(module).to(torch.float64)
                 expected[(name, canonical)] = double.get_delta_weight("default").detach()
-        layers[name] = {k: v.to(dtype) for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+        layers[name] = {
+            k: v.to(dtype) for k, v in get_peft_model_state_dict(model, adapter_name="default").items()
+        }
         configs[name] = config.to_dict()
     directory = Path(directory)
     kwargs: dict[str, Any] = {}

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.errors import InvalidFileError, UnsupportedError
-from loraformats.families import Component, ComponentHint
+from loraformats.families import CANONICAL, Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
 from loraformats.report import Step
@@ -31,7 +31,7 @@ from loraformats.tensors import ComputedTensor, MemoryTensor, TensorData, torch_
 from loraformats_peft.config import LoraConfigFields, build_config, checked, module_settings
 from loraformats_peft.keys import (
     ALPHAS_KEY,
-    alpha_note,
+    alpha_notes,
     encode_notes,
     module_tensors,
     not_yet,
@@ -100,7 +100,7 @@ class DiffusersFormat(Format):
     def _split(tensor: str) -> tuple[str, str] | None:
         if tensor.startswith("lora_") or tensor.startswith("base_model.model."):
             return None  # Kohya's and PEFT's own prefixes
-        if LEGACY.match(tensor):
+        if "_lora." in tensor and LEGACY.match(tensor):  # the substring test spares most names the regex
             return tensor, "down" if tensor.endswith(".down.weight") else "up"
         for suffix, role in LEGACY_SUFFIXES:
             if tensor.endswith(suffix):
@@ -123,7 +123,8 @@ class DiffusersFormat(Format):
                     f"{prefixed} carry a pipeline component prefix (unet., text_encoder., ...)"
                 )
         if len(ours) < len(names):
-            example = next(n for n in names if n not in set(ours))
+            mine = set(ours)
+            example = next(n for n in names if n not in mine)
             evidence.against.append(f"{len(names) - len(ours)} names do not, e.g. {example!r}")
         if METADATA_KEY in header.metadata:
             evidence.reasons.append("diffusers lora_adapter_metadata present")
@@ -138,17 +139,19 @@ class DiffusersFormat(Format):
                 unsupported[tensor] = not_yet(tensor, "not a diffusers LoRA key")
                 continue
             stem, role = split
-            legacy = LEGACY.match(stem)
+            legacy = LEGACY.match(stem) if "_lora." in stem else None
             base = f"{legacy['parent']}.to_{legacy['proj']}" if legacy else stem
-            found = COMPONENT.match(base)
-            hint = ComponentHint(name=found[1]) if found else ComponentHint()
-            path = found[2] if found else base
-            if legacy:
-                parent = path[: -len(f".to_{legacy['proj']}")]
-                names = tuple(f"{parent}.{n}" for n in LEGACY_NAMES[legacy["proj"]])
-            else:
-                names = (path,)
-            module = grouped.setdefault(base, ParsedModule(base, hint, names, flat=False, tensors={}))
+            module = grouped.get(base)
+            if module is None:  # once per module, not per tensor: detection parses every key
+                found = COMPONENT.match(base)
+                hint = ComponentHint(name=found[1]) if found else ComponentHint()
+                path = found[2] if found else base
+                if legacy:
+                    parent = path[: -len(f".to_{legacy['proj']}")]
+                    names = tuple(f"{parent}.{n}" for n in LEGACY_NAMES[legacy["proj"]])
+                else:
+                    names = (path,)
+                module = grouped[base] = ParsedModule(base, hint, names, flat=False, tensors={})
             if role in module.tensors:
                 raise InvalidFileError(f"{base}: two tensors give its {role} factor", path=header.path)
             module.tensors[role] = tensor
@@ -209,7 +212,7 @@ class DiffusersFormat(Format):
         loras = {key: parts(module, f"{key[0]}:{key[1]}")[0] for key, module in adapters.modules.items()}
         _check_dora_per_component(adapters)
         metadata = dict(adapters.metadata)
-        notes = {key: note for key, lora in loras.items() if (note := alpha_note(lora))}
+        notes = alpha_notes(loras)
         factors: dict[ModuleKey, tuple[TensorData, TensorData]] = {
             k: (a.down, a.up) for k, a in loras.items()
         }
@@ -273,7 +276,10 @@ class DiffusersFormat(Format):
             )
         tensors: list[tuple[str, TensorData]] = []
         for key, (down, up) in factors.items():
-            stem = f"{key[0]}.{key[1]}"
+            component = adapters.component(key[0])
+            spelling = adapters.provenance.spellings.get(key[0], CANONICAL)
+            path = component.name_in(key[1], spelling if spelling in component.naming_names() else CANONICAL)
+            stem = f"{key[0]}.{path}"
             tensors += module_tensors(stem, adapters.modules[key], adapters.layer(key), down, up)
         if notes:
             metadata[ALPHAS_KEY] = encode_notes(notes)

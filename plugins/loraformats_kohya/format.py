@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from math import prod
 from typing import Any, ClassVar
@@ -50,6 +51,13 @@ OTHER_KEYS = {
     "lycoris_": "the standalone LyCORIS prefix (lycoris_) is not supported yet",
     "oft_unet_": "Kohya OFT modules are not supported yet",
 }
+
+
+@functools.cache
+def _hint(prefix: str, slot: str) -> ComponentHint:
+    if prefix == "lora_unet":
+        return ComponentHint(role="denoiser")
+    return ComponentHint(role="text_encoder", slot=int(slot) if slot else None)
 
 
 class KohyaMetadata(BaseModel):
@@ -125,13 +133,11 @@ class KohyaFormat(Format):
                 )
                 continue
             stem = tensor[: -len(suffix) - 1]
-            if match["prefix"] == "lora_unet":
-                hint = ComponentHint(role="denoiser")
-            else:
-                hint = ComponentHint(role="text_encoder", slot=int(match["slot"]) if match["slot"] else None)
-            module = grouped.setdefault(
-                stem, ParsedModule(stem, hint, (match["name"],), flat=True, tensors={})
-            )
+            module = grouped.get(stem)
+            if module is None:  # once per module, not per tensor: detection parses every key
+                module = grouped[stem] = ParsedModule(
+                    stem, _hint(match["prefix"], match["slot"]), (match["name"],), flat=True, tensors={}
+                )
             module.tensors[role] = tensor
             if role == "magnitude":
                 module.algorithm = "dora"

@@ -28,7 +28,7 @@ from loraformats.tensors import MemoryTensor, TensorData
 from .config import LoraConfigFields, build_config, checked, module_settings
 from .keys import (
     ALPHAS_KEY,
-    alpha_note,
+    alpha_notes,
     encode_notes,
     module_tensors,
     not_yet,
@@ -201,7 +201,7 @@ class PeftFormat(Format):
                     stem, adapters.modules[key], adapters.layer(key), lora.down, lora.up
                 )
             metadata = dict(adapters.metadata)
-            notes = {key: note for key, lora in loras.items() if (note := alpha_note(lora))}
+            notes = alpha_notes(loras)
             if notes:
                 metadata[ALPHAS_KEY] = encode_notes(notes)
             files[f"{name}/{WEIGHTS[0]}"] = (tensors, metadata)

@@ -86,10 +86,24 @@ def module_tensors(stem: str, module: Adapter, layer: Layer, down: TensorData, u
     return tensors
 
 
-def alpha_note(lora: LoRA) -> dict[str, Any] | None:
-    """The original alpha tensor (dtype, shape, bytes), for a round trip to restore bit for bit."""
+def alpha_notes(loras: dict[ModuleKey, LoRA]) -> dict[ModuleKey, dict[str, Any]]:
+    """The original alpha tensors (dtype, shape, bytes), for a round trip to restore bit for bit.
+
+    A module without an alpha tensor is noted as absent when others have one: the config written
+    for them would otherwise give it an alpha on the way back.
+    """
+    notes = {key: alpha_note(lora) for key, lora in loras.items()}
+    if all(note.get("absent") for note in notes.values()):
+        return {}
+    return notes
+
+
+def alpha_note(lora: LoRA) -> dict[str, Any]:
     if lora.alpha is None:
-        return None
+        return {
+            "absent": True,
+            **({"rank_scaling": lora.rank_scaling} if lora.rank_scaling != "rank" else {}),
+        }
     note = {"dtype": lora.alpha.dtype, "shape": list(lora.alpha.shape), "hex": lora.alpha.read_bytes().hex()}
     if lora.rank_scaling != "rank":
         note["rank_scaling"] = lora.rank_scaling
@@ -128,6 +142,9 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
         module = adapters.modules.get((component, path))
         lora = module.inner if isinstance(module, DoRA) else module
         try:
+            if note.get("absent") is True and isinstance(lora, LoRA):
+                lora.alpha, lora.rank_scaling = None, note.get("rank_scaling", "rank")
+                continue
             alpha = MemoryTensor(bytes.fromhex(note["hex"]), note["dtype"], tuple(note["shape"]))
             folded = note.get("folded")
             if not isinstance(lora, LoRA) or (folded and folded["factor"] not in ("up", "down")):
