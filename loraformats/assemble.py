@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from .adapters import ALGORITHMS, Adapter
 from .canonical import AdapterSet, ModuleKey, Provenance
-from .errors import InvalidFileError, UnsupportedError
-from .families import CANONICAL, Component, ComponentHint, Family, Layer
+from .errors import InvalidFileError, UnsupportedError, UsageError
+from .families import Component, ComponentHint, Family, Layer
 from .formats import Format, ParsedFile, ParsedModule, ReadContext
 from .header import Header
 from .tensors import FileTensor, SourceFile
@@ -92,7 +92,10 @@ def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
                     continue
                 layer = component.modules[hit[0]]
                 if signature is None:
-                    signature = (module.algorithm, *[(r, tensors[t].shape) for r, t in module.tensors.items()])
+                    signature = (
+                        module.algorithm,
+                        *[(r, tensors[t].shape) for r, t in module.tensors.items()],
+                    )
                 key = (id(layer), signature)  # equal layers are one object (see `Layer.from_spec`)
                 problem = verdicts.get(key, _UNSEEN)
                 if problem is _UNSEEN:
@@ -133,7 +136,7 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
     if context.family is not None:
         if context.family not in context.families:
             known = ", ".join(context.families)
-            raise UnsupportedError(f"unknown family {context.family!r} (known: {known})")
+            raise UsageError(f"unknown family {context.family!r} (known: {known})")
         resolution = resolve_parts(parts, context.families[context.family])
         if not resolution.fits:
             raise UnsupportedError(
@@ -226,10 +229,7 @@ def assemble_parts(
         metadata.update(own_metadata(header.metadata))
         for kind, key in (("flat", NAMINGS_KEY), ("dotted", SPELLINGS_KEY)):
             for component, naming in _notes(header, key).items():
-                if (
-                    namings[kind].get(component, CANONICAL) == CANONICAL
-                    and component in resolution.family.components
-                ):
+                if component not in namings[kind] and component in resolution.family.components:
                     namings[kind][component] = naming
     adapters = AdapterSet(
         family=resolution.family,

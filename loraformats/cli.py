@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -12,9 +13,16 @@ from .errors import EXIT_CODES, LoraFormatsError, UsageError
 PICKLE_HELP = "read a pickled .pt/.ckpt/.bin input with torch.load(weights_only=True) (refused by default)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(UsageError.exit_code, f"loraformats: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="loraformats",
         description="Convert LoRA weights between formats (Kohya, Diffusers, ...), exactly and with proof.",
         epilog=f"exit codes:\n{codes}",
@@ -247,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraFormatsError as error:
         print(f"loraformats: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("loraformats: interrupted", file=sys.stderr)
         return 130

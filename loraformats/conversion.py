@@ -48,6 +48,8 @@ def sniff_format(header: Header) -> Format:
 def open_header(path: str | os.PathLike, *, allow_pickle: bool = False) -> Header:
     """The validated header of `path`; a pickle is refused, or (opted in) re-read as safetensors."""
     path = Path(path)
+    if not path.is_file():
+        return read_header(path)  # the usual one-line error for a missing path or a directory
     if not pickled_by_name(path):
         try:
             return read_header(path)
@@ -56,8 +58,6 @@ def open_header(path: str | os.PathLike, *, allow_pickle: bool = False) -> Heade
                 raise
     if not allow_pickle:
         raise refuse(path)
-    if not path.is_file():
-        return read_header(path)  # the usual one-line error for a missing path or a directory
     header = read_header(to_safetensors(path))
     header.temporary, header.origin = True, path
     return header
@@ -119,6 +119,9 @@ def _options(fmt: Format, options: dict[str, Any] | None) -> BaseModel | None:
     except ValidationError as error:
         problem = error.errors()[0]
         where = ".".join(str(p) for p in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            known = ", ".join(fmt.options_schema.model_fields) or "none"
+            raise UsageError(f"{fmt.name} has no option {where!r} (options: {known})") from None
         raise UsageError(f"option {where}: {problem['msg']}") from None
 
 

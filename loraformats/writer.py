@@ -46,6 +46,8 @@ def refuse_overwriting_inputs(dest: Path, inputs: Iterable[Path]) -> None:
             raise UsageError("output would overwrite the input; choose another output path", path=dest)
         if source.is_dir() and source in target.parents:
             raise UsageError("output would be written inside the input directory", path=dest)
+        if target in source.parents:  # --force on a directory output deletes what it held
+            raise UsageError("output would replace the directory that holds the input", path=dest)
 
 
 def _resolved(path: Path) -> Path:
@@ -132,6 +134,8 @@ def write_directory(
         raise UsageError("output exists; pass --force to replace it", path=dest)
     if dest.exists() and not dest.is_dir():
         raise UsageError("output exists and is not a directory", path=dest)
+    if dest.exists():
+        _check_replaceable(dest, {Path(name).name for name in [*files, *documents]})
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.", suffix=".partial"))
@@ -153,7 +157,13 @@ def write_directory(
         if dest.exists():
             retired = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.", suffix=".old"))
             os.replace(dest, retired / dest.name)
-        os.replace(staging, dest)
+        try:
+            os.replace(staging, dest)
+        except BaseException:
+            if retired is not None:  # put the previous output back
+                os.replace(retired / dest.name, dest)
+                shutil.rmtree(retired, ignore_errors=True)
+            raise
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
         _sync_directory(parent)
@@ -163,6 +173,20 @@ def write_directory(
             raise OutputError(f"writing failed: {error.strerror or error}", path=dest) from None
         raise
     return written
+
+
+def _check_replaceable(dest: Path, names: set[str]) -> None:
+    """--force replaces an earlier output, never a directory of other files: the old directory is
+    deleted, so it may hold only regular files with the names this writer produces."""
+    for root, directories, filenames in os.walk(dest):
+        for name in filenames + [d for d in directories if os.path.islink(os.path.join(root, d))]:
+            path = Path(root, name)
+            if name not in names or not stat.S_ISREG(path.lstat().st_mode):
+                raise UsageError(
+                    f"output directory holds {str(path.relative_to(dest))!r}, which this conversion does not "
+                    "write; refusing to replace it",
+                    path=dest,
+                )
 
 
 def _umask() -> int:

@@ -77,6 +77,8 @@ class DoRA(Adapter):
         return self.inner.dtype
 
     def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
+        import torch
+
         combined = self.inner.apply(weight, layer)
         magnitude = self.magnitude.to_torch().to(weight.dtype)
         if self.axis == "output":
@@ -85,5 +87,5 @@ class DoRA(Adapter):
         else:
             dims = (0, *range(2, combined.dim()))
             shape = (1, -1) + (1,) * (combined.dim() - 2)
-        norm = combined.norm(dim=dims, keepdim=True)
+        norm = torch.linalg.vector_norm(combined, dim=dims, keepdim=True)
         return combined * (magnitude.reshape(shape) / norm)

@@ -18,7 +18,7 @@ import math
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
@@ -63,6 +63,8 @@ LEGACY_NAMES = {  # attention-processor spellings: UNet attention, then CLIP sel
 
 class DiffusersOptions(BaseModel):
     """Options for writing diffusers files."""
+
+    model_config = ConfigDict(extra="forbid")
 
     fold_alpha: bool = Field(
         False,
@@ -113,7 +115,7 @@ class DiffusersFormat(Format):
             return Evidence(0.0, against=["the file has no tensors"])
         ours = [n for n in names if self._split(n) or (COMPONENT.match(n) and not_yet(n, ""))]
         prefixed = sum(1 for n in ours if COMPONENT.match(n))
-        evidence = Evidence(len(ours) / len(names) * (1.0 if prefixed == len(ours) else 0.9))
+        evidence = Evidence(len(ours) / len(names))
         if ours:
             evidence.reasons.append(
                 f"{len(ours)} of {len(names)} tensor names end in lora_A/lora_B-style suffixes"
@@ -231,6 +233,7 @@ class DiffusersFormat(Format):
         elif options.fold_alpha:
             for key, lora in scaled.items():
                 factors[key] = (factors[key][0], _scaled_f32(lora.up, lora.scale))
+                notes[key] = {"absent": True}  # the scale is in the weights now: read back as alpha = rank
             metadata.pop(METADATA_KEY, None)
             step = Step(
                 stage="write",

@@ -77,6 +77,8 @@ class KohyaMetadata(BaseModel):
 class KohyaOptions(BaseModel):
     """Options for writing Kohya files."""
 
+    model_config = ConfigDict(extra="forbid")
+
     naming: str | None = Field(
         None,
         description="module naming for every component, e.g. 'canonical' (diffusers) or 'ldm' (SGM/LDM); "
@@ -232,10 +234,12 @@ class KohyaFormat(Format):
         if len(alphas) == 1 and _disagrees(metadata.get("ss_network_alpha"), *alphas):
             metadata["ss_network_alpha"] = _format_number(next(iter(alphas)))
         if "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:
-            try:
-                metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
-            except ValueError:
+            model, legacy = sshs_hashes(tensors, metadata)
+            metadata["sshs_model_hash"] = model
+            if legacy is None:
                 metadata.pop("sshs_legacy_hash", None)
+            else:
+                metadata["sshs_legacy_hash"] = legacy
         return metadata
 
 

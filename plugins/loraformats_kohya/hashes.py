@@ -41,8 +41,10 @@ def _header_length(ordered: Sequence[tuple[str, TensorData]], metadata: dict[str
     return len(raw) + (-len(raw) % 8)
 
 
-def sshs_hashes(tensors: Sequence[tuple[str, TensorData]], metadata: dict[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them for these tensors."""
+def sshs_hashes(
+    tensors: Sequence[tuple[str, TensorData]], metadata: dict[str, str]
+) -> tuple[str, str | None]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them; legacy None if unknowable."""
     ordered = safetensors_order(tensors)
     ss_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     header_length = _header_length(ordered, ss_metadata)
@@ -56,6 +58,5 @@ def sshs_hashes(tensors: Sequence[tuple[str, TensorData]], metadata: dict[str, s
         if low < high:
             legacy.update(data[low - position : high - position])
         position += len(data)
-    if window_start < 0:  # the window starts inside a (rare) >1 MiB header: metadata order is unknowable
-        raise ValueError("header larger than 1 MiB")
-    return model.hexdigest(), legacy.hexdigest()[:8]
+    # A window starting inside a (rare) >1 MiB header depends on metadata order, which is unknowable.
+    return model.hexdigest(), legacy.hexdigest()[:8] if window_start >= 0 else None
