@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .adapters import ALGORITHMS, Adapter
 from .canonical import AdapterSet, ModuleKey, Provenance
 from .errors import InvalidFileError, UnsupportedError, UsageError
-from .families import Component, ComponentHint, Family, Layer
+from .families import Component, Family, Layer
 from .formats import Format, ParsedFile, ParsedModule, ReadContext
 from .header import Header
 from .tensors import FileTensor, SourceFile
@@ -77,12 +77,13 @@ def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
     """
     result = Resolution(family)
     tensors = header.tensors
-    components: dict[ComponentHint, list[Component]] = {}
+    components: dict[tuple, list[Component]] = {}
     verdicts: dict[tuple, str | None] = {}
     for module in parsed.modules:
-        candidates = components.get(module.hint)
+        hint = module.hint
+        candidates = components.get((hint.name, hint.role, hint.slot))  # cheaper than the dataclass hash
         if candidates is None:
-            candidates = components[module.hint] = family.find_components(module.hint)
+            candidates = components[(hint.name, hint.role, hint.slot)] = family.find_components(hint)
         found, problem, layer, signature = None, None, None, None
         for component in candidates:
             lookup = component.resolve_flat if module.flat else component.resolve_dotted

@@ -139,9 +139,13 @@ class Family:
         *,
         description: str = "",
         spec_path: Path | None = None,
+        aliases: tuple[str, ...] = (),
     ) -> None:
         self.name, self.label, self.description, self.spec_path = name, label, description, spec_path
         self._components = components
+        #: Identifiers other tools use for this base model (sd-scripts' `sd_v1`, ModelSpec's
+        #: `stable-diffusion-v1`): a detection signal from metadata, weaker than any tensor shape.
+        self.aliases = tuple(alias.lower() for alias in aliases)
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
@@ -150,6 +154,11 @@ class Family:
     def components(self) -> dict[str, Component]:
         loaded = self._components() if callable(self._components) else self._components
         return dict(loaded)
+
+    def claimed_by(self, identifier: str) -> bool:
+        """Whether a base-model identifier from metadata names this family. A `/kind` suffix
+        (ModelSpec's `stable-diffusion-v1/lora`) says what the file is, not which base it is for."""
+        return identifier.strip().lower().split("/", 1)[0] in self.aliases
 
     def find_components(self, hint: ComponentHint) -> list[Component]:
         """Components a key prefix may refer to; `lora_te_` (no slot) means the first text encoder."""

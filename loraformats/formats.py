@@ -86,6 +86,9 @@ class Format:
     #: Metadata keys this format owns (exact keys, or prefixes ending in `*`). Other formats'
     #: writers move owned keys they cannot honour into the `loraformats.stash` entry.
     owned_metadata: ClassVar[tuple[str, ...]] = ()
+    #: Keys of `describe` whose value names the base model the file says it is for (e.g. kohya's
+    #: `ss_base_model_version`); detection checks them against the families' aliases and the tensors.
+    base_model_keys: ClassVar[tuple[str, ...]] = ()
 
     plugin: str = ""
 
@@ -96,6 +99,12 @@ class Format:
     def parse(self, header: Header) -> ParsedFile:
         """Group every tensor of the header into modules, or list it as unsupported."""
         raise NotImplementedError
+
+    def describe(self, header: Header) -> dict[str, str]:
+        """What the header's metadata says in this format's vocabulary, summarised for people and apps
+        (e.g. training settings, `trigger_words`). Detection asks every format, so entries of other
+        tools' files count too. Header only; the default knows nothing."""
+        return {}
 
     def sniff_path(self, path: Path) -> Evidence:
         """For directory formats: how much a directory looks like this format (no tensor data read)."""

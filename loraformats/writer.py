@@ -38,16 +38,29 @@ def build_header(tensors: Sequence[tuple[str, TensorData]], metadata: dict[str, 
 
 
 def refuse_overwriting_inputs(dest: Path, inputs: Iterable[Path]) -> None:
-    """Never write over a file we are reading, even with --force."""
+    """Never write over a file we are reading, even with --force; fail early on an unusable path."""
+    try:
+        os.lstat(dest)
+    except FileNotFoundError:
+        pass
+    except OSError as error:  # a name too long, a file used as a directory: every later stat would fail
+        raise OutputError(f"cannot write there: {error.strerror}", path=dest) from None
     target = _resolved(dest)
     for source in inputs:
         source = _resolved(Path(source))
-        if target == source or (target.exists() and source.exists() and os.path.samefile(target, source)):
+        if target == source or _same_file(target, source):
             raise UsageError("output would overwrite the input; choose another output path", path=dest)
-        if source.is_dir() and source in target.parents:
+        if os.path.isdir(source) and source in target.parents:
             raise UsageError("output would be written inside the input directory", path=dest)
         if target in source.parents:  # --force on a directory output deletes what it held
             raise UsageError("output would replace the directory that holds the input", path=dest)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing or unreadable: then they are not one file we read
+        return False
 
 
 def _resolved(path: Path) -> Path:

@@ -133,7 +133,9 @@ def test_missing_and_directory_inputs(tmp_path, capsys):
     expect_refusal(
         capsys, ["convert", str(tmp_path / "nope.safetensors"), "--to", "kohya"], 3, "no such file"
     )
-    expect_refusal(capsys, ["detect", str(tmp_path)], 3, "directory")
+    expect_refusal(capsys, ["convert", str(tmp_path), "--to", "kohya"], 4, "directory")
+    assert main(["detect", str(tmp_path), "--json"]) == 0  # "unknown" is an answer, not an error
+    assert json.loads(capsys.readouterr().out)["format"] == "unknown"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

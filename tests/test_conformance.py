@@ -1,33 +1,74 @@
-"""Every installed format passes the conformance checks in `loraformats.testing`."""
+"""Every installed format and family passes the conformance suite of `loraformats.testing`."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from loraformats.plugins import registry
-from loraformats.testing import check_format
+from loraformats.testing import FamilyConformance, FormatConformance
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "sd15_tiny_kohya.safetensors"
-WRITABLE = [name for name, fmt in registry.formats().items() if fmt.writable]
-
-
-@pytest.mark.parametrize("format_name", WRITABLE)
-def test_format_round_trips_through_the_canonical_form(format_name, tmp_path):
-    check_format(format_name, EXAMPLE, tmp_path)
+pytest_plugins = ["pytester"]
 
 
-def test_a_format_that_drops_a_tensor_fails_conformance(tmp_path, monkeypatch):
-    from loraformats_kohya.format import KohyaFormat
+class TestKohya(FormatConformance):
+    format_name = "kohya"
 
-    original = KohyaFormat.encode
 
-    def drop_one(self, adapters, options):
-        encoded = original(self, adapters, options)
-        encoded.tensors = [t for t in encoded.tensors if not t[0].endswith("attn1_to_q.lora_up.weight")]
+class TestDiffusers(FormatConformance):
+    format_name = "diffusers"
+
+
+class TestPeft(FormatConformance):
+    format_name = "peft"
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+class TestFamilies(FamilyConformance):
+    @pytest.fixture
+    def family(self, name):
+        return registry.families()[name]
+
+
+def test_every_installed_writable_format_has_a_conformance_class():
+    tested = {cls.format_name for cls in FormatConformance.__subclasses__()}
+    assert set(registry.formats()) <= tested | {"dotted-kohya"}
+
+
+BROKEN = '''
+from loraformats import hookimpl
+from loraformats.plugins import registry
+from loraformats.testing import FormatConformance
+from loraformats_kohya.format import KohyaFormat
+
+
+class DropsATensor(KohyaFormat):
+    """Writes Kohya files but silently drops every mid factor and one up factor."""
+
+    name = "drops-a-tensor"
+
+    def encode(self, adapters, options):
+        encoded = super().encode(adapters, options)
+        encoded.tensors = [t for t in encoded.tensors if ".lora_mid." not in t[0]][:-1]
         return encoded
 
-    monkeypatch.setattr(KohyaFormat, "encode", drop_one)
-    with pytest.raises(Exception, match=r"needs both|differ"):
-        check_format("kohya", EXAMPLE, tmp_path)
+
+class Plugin:
+    @hookimpl
+    def register_formats(self, register):
+        register(DropsATensor())
+
+
+registry.register(Plugin(), name="broken")
+
+
+class TestBroken(FormatConformance):
+    format_name = "drops-a-tensor"
+'''
+
+
+def test_a_plugin_that_drops_tensors_fails_the_suite(pytester):
+    pytester.makepyfile(test_broken=BROKEN)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) >= 2, result.stdout.str()
+    registry.unregister("broken")

@@ -151,3 +151,57 @@ def test_duplicate_format_names_are_refused():
     fresh.register(Twice(), name="twice")
     with pytest.raises(UsageError, match="registered by both"):
         fresh.formats()
+
+
+EXAMPLE_PLUGIN = Path(__file__).parents[1] / "examples" / "plugins" / "loraformats-comfyui-unet"
+
+
+@pytest.fixture(scope="module")
+def installed_example_plugin(tmp_path_factory):
+    """The example plugin package, pip-installed into its own directory (removing it uninstalls)."""
+    target = tmp_path_factory.mktemp("site")
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(EXAMPLE_PLUGIN)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return target
+
+
+def test_example_plugin_package_installs_converts_and_uninstalls(installed_example_plugin, tmp_path):
+    from loraformats.plugins import registry
+    from loraformats.testing import synthetic_adapters, write
+
+    sample = write(
+        registry.formats()["kohya"],
+        synthetic_adapters(registry.families()["sdxl"], components=("unet",)),
+        tmp_path / "unet.safetensors",
+    )
+    listed = json.loads(run("formats", "--json", site=installed_example_plugin).stdout)
+    assert listed["plugins"]["comfyui-unet"]["distribution"] == "loraformats-comfyui-unet"
+    comfy = tmp_path / "comfy.safetensors"
+    assert (
+        run(
+            "convert", str(sample), "--to", "comfyui-unet", "-o", str(comfy), site=installed_example_plugin
+        ).returncode
+        == 0
+    )
+    detected = json.loads(run("detect", str(comfy), "--json", site=installed_example_plugin).stdout)
+    assert (detected["format"], detected["family"]) == ("comfyui-unet", "sdxl")
+    back = tmp_path / "back.safetensors"
+    assert (
+        run("convert", str(comfy), "--to", "kohya", "-o", str(back), site=installed_example_plugin).returncode
+        == 0
+    )
+    assert run("verify", str(sample), str(back), site=installed_example_plugin).returncode == 0
+    assert "comfyui-unet" not in json.loads(run("formats", "--json").stdout)["formats"]  # not installed here
+
+
+def test_example_plugin_passes_the_conformance_suite(installed_example_plugin):
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE_PLUGIN / "tests")],
+        capture_output=True, text=True, timeout=300, cwd=EXAMPLE_PLUGIN,
+        env={**os.environ, "PYTHONPATH": str(installed_example_plugin)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]

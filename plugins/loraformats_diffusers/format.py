@@ -50,6 +50,7 @@ LEGACY_SUFFIXES = (
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
 )
+LEGACY_ENDINGS = tuple(suffix for suffix, _ in LEGACY_SUFFIXES)
 LEGACY = re.compile(
     r"^(?P<parent>.+?)(?:\.processor)?\.to_(?P<proj>q|k|v|out)_lora\.(?P<dir>down|up)\.weight$"
 )
@@ -100,13 +101,15 @@ class DiffusersFormat(Format):
 
     @staticmethod
     def _split(tensor: str) -> tuple[str, str] | None:
-        if tensor.startswith("lora_") or tensor.startswith("base_model.model."):
+        # Cheap string tests first: detection splits every name of every file it sees.
+        if tensor.startswith(("lora_", "base_model.model.")):
             return None  # Kohya's and PEFT's own prefixes
-        if "_lora." in tensor and LEGACY.match(tensor):  # the substring test spares most names the regex
+        if "_lora." in tensor and LEGACY.match(tensor):
             return tensor, "down" if tensor.endswith(".down.weight") else "up"
-        for suffix, role in LEGACY_SUFFIXES:
-            if tensor.endswith(suffix):
-                return tensor[: -len(suffix)], role
+        if tensor.endswith(LEGACY_ENDINGS):
+            for suffix, role in LEGACY_SUFFIXES:
+                if tensor.endswith(suffix):
+                    return tensor[: -len(suffix)], role
         return split_key(tensor)
 
     def sniff(self, header: Header) -> Evidence:

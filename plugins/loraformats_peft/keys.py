@@ -24,6 +24,7 @@ SUFFIXES = (  # (suffix, role); the module path is what precedes the suffix
     (".lora_magnitude_vector", "magnitude"),
     (".alpha", "alpha"),
 )
+ENDINGS = tuple(suffix for suffix, _ in SUFFIXES)
 #: `…lora_A.<adapter name>.weight`: a state dict saved with the adapter name left in.
 NAMED = re.compile(r"^(?P<stem>.+)\.lora_(?P<factor>A|B)\.(?P<adapter>[A-Za-z0-9_-]+)\.weight$")
 NOT_YET = {
@@ -39,10 +40,11 @@ NOT_YET = {
 
 def split_key(key: str) -> tuple[str, str] | None:
     """(module stem, role) of a PEFT-style tensor name, or None."""
-    for suffix, role in SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    named = NAMED.match(key)
+    if key.endswith(ENDINGS):  # one string test first: detection splits every name it sees
+        for suffix, role in SUFFIXES:
+            if key.endswith(suffix):
+                return key[: -len(suffix)], role
+    named = NAMED.match(key) if ".lora_" in key else None
     if named:
         return named["stem"], "down" if named["factor"] == "A" else "up"
     return None
