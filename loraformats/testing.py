@@ -221,3 +221,9 @@ def synthetic_lora():
         return synthetic_adapters(registry.families()[family], frozenset(features), **kw)
 
     return make
+
+
+def check_format(format_name: str, sample: str | os.PathLike, workdir: str | os.PathLike) -> None:
+    """The round-trip checks of `FormatConformance`, on a real LoRA file instead of a synthetic one."""
+    with load(sample) as adapters:
+        check_round_trip(format_name, adapters, workdir)

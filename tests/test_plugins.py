@@ -205,3 +205,70 @@ def test_example_plugin_passes_the_conformance_suite(installed_example_plugin):
         env={**os.environ, "PYTHONPATH": str(installed_example_plugin)},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_hook_register_formats(tmp_path):
+    """A format registered through the hook is used by convert and detect like a built-in."""
+    from loraformats.hookspecs import hookimpl
+    from loraformats.plugins import registry
+    from loraformats_kohya.format import KohyaFormat
+
+    class Renamed(KohyaFormat):
+        name = "kohya-again"
+
+    class Plugin:
+        @hookimpl
+        def register_formats(self, register):
+            register(Renamed())
+
+    registry.register(Plugin(), name="test-formats")
+    try:
+        assert "kohya-again" in registry.formats()
+        import loraformats
+
+        report = loraformats.convert(
+            EXAMPLE, "kohya-again", tmp_path / "again.safetensors", source_format="kohya"
+        )
+        assert report.target_format == "kohya-again" and report.exactness.value == "identical"
+    finally:
+        registry.unregister("test-formats")
+    assert "kohya-again" not in registry.formats()
+
+
+def test_hook_register_families():
+    """The tiny test families arrive through the hook (conftest.py) beside the built-in ones."""
+    from loraformats.plugins import registry
+
+    families = registry.families()
+    assert {"sd1", "sd2", "sdxl", "tiny-sd1", "tiny-sdxl"} <= set(families)
+    assert families["tiny-sd1"].plugin == "tests.tiny_families"
+
+
+def test_hook_register_transforms(tmp_path):
+    """A transform registered through the hook becomes a graph edge the planner takes."""
+    from loraformats.adapters import Exactness
+    from loraformats.hookspecs import hookimpl
+    from loraformats.plugins import registry
+    from loraformats.transforms import MergeTuckerMid
+
+    class Named(MergeTuckerMid):
+        name = "merge-tucker-mid-again"
+        exactness = Exactness.EXACT  # claims to be better, so the planner prefers it
+
+    class Plugin:
+        @hookimpl
+        def register_transforms(self, register):
+            register(Named())
+
+    from lora_factory import make_kohya
+
+    source = tmp_path / "tucker.safetensors"
+    make_kohya(source, "tiny-sd1", tucker=True)
+    registry.register(Plugin(), name="test-transforms")
+    try:
+        import loraformats
+
+        report = loraformats.convert(source, "diffusers", tmp_path / "out.safetensors", family="tiny-sd1")
+        assert "merge-tucker-mid-again" in [step.name for step in report.steps]
+    finally:
+        registry.unregister("test-transforms")
