@@ -21,6 +21,7 @@ class Provenance:
     path: str
     namings: dict[str, str] = field(default_factory=dict)  # component -> naming of flattened names
     spellings: dict[str, str] = field(default_factory=dict)  # component -> naming of dotted names
+    steps: list[Any] = field(default_factory=list)  # `Step`s a reader took beyond renaming (e.g. an unfold)
     notes: dict[str, Any] = field(default_factory=dict)  # format-specific round-trip facts
 
 

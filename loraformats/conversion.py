@@ -151,15 +151,14 @@ def convert(
     warnings: list[str] = []
     adapters = load(source, format=source_format, family=family, warnings=warnings, allow_pickle=allow_pickle)
     try:
-        steps = [
-            Step(
-                stage="read",
-                name=f"read {adapters.provenance.format}",
-                exactness=Exactness.IDENTICAL,
-                modules=len(adapters.modules),
-                detail=f"family {adapters.family.name}",
-            )
-        ]
+        read = Step(
+            stage="read",
+            name=f"read {adapters.provenance.format}",
+            exactness=Exactness.IDENTICAL,
+            modules=len(adapters.modules),
+            detail=f"family {adapters.family.name}",
+        )
+        steps = [read, *adapters.provenance.steps]
         lowered, transform_steps = lower(adapters, target, registry.transforms(), allow_lossy=allow_lossy)
         steps += transform_steps
         encoded = target.encode(lowered, write_options)

@@ -23,11 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.errors import InvalidFileError, UnsupportedError
+from loraformats.exponent import can_shift, scale_tensor_f32, shift_tensor
 from loraformats.families import CANONICAL, Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
 from loraformats.report import Step
-from loraformats.tensors import ComputedTensor, MemoryTensor, TensorData, torch_dtype
+from loraformats.tensors import MemoryTensor, TensorData
 from loraformats_peft.config import LoraConfigFields, build_config, checked, module_settings
 from loraformats_peft.keys import (
     ALPHAS_KEY,
@@ -36,7 +37,6 @@ from loraformats_peft.keys import (
     module_tensors,
     not_yet,
     parts,
-    rescaled,
     restore_alphas,
     split_key,
 )
@@ -134,6 +134,29 @@ class DiffusersFormat(Format):
         if METADATA_KEY in header.metadata:
             evidence.reasons.append("diffusers lora_adapter_metadata present")
         return evidence
+
+    def describe(self, header: Header) -> dict[str, str]:
+        """`lora_adapter_metadata` per component: r, lora_alpha, patterns and the flags that change
+        the maths (never raises: a broken entry is described, and refused when read)."""
+        raw = header.metadata.get(METADATA_KEY)
+        if raw is None:
+            return {}
+        try:
+            flat = json.loads(raw)
+        except json.JSONDecodeError:
+            flat = None
+        if not isinstance(flat, dict):
+            return {METADATA_KEY: "not a JSON object"}
+        summary = {}
+        for key, value in flat.items():
+            field = key.rpartition(".")[2]
+            if field in ("r", "lora_alpha"):
+                summary[f"{METADATA_KEY}.{key}"] = str(value)
+            elif field in ("use_rslora", "use_dora") and value is True:
+                summary[f"{METADATA_KEY}.{key}"] = "true"
+            elif field in ("rank_pattern", "alpha_pattern") and isinstance(value, dict) and value:
+                summary[f"{METADATA_KEY}.{key}"] = f"{len(value)} patterns"
+        return summary
 
     def parse(self, header: Header) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}
@@ -235,7 +258,7 @@ class DiffusersFormat(Format):
             )
         elif options.fold_alpha:
             for key, lora in scaled.items():
-                factors[key] = (factors[key][0], _scaled_f32(lora.up, lora.scale))
+                factors[key] = (factors[key][0], scale_tensor_f32(lora.up, lora.scale))
                 notes[key] = {"absent": True}  # the scale is in the weights now: read back as alpha = rank
             metadata.pop(METADATA_KEY, None)
             step = Step(
@@ -250,7 +273,7 @@ class DiffusersFormat(Format):
             for key, (factor, log2, dtype) in folds.items():
                 down, up = factors[key]
                 original = (down if factor == "down" else up).dtype
-                folded = rescaled(down if factor == "down" else up, log2, dtype)
+                folded = shift_tensor(down if factor == "down" else up, log2, dtype)
                 factors[key] = (folded, up) if factor == "down" else (down, folded)
                 notes[key]["folded"] = {"factor": factor, "log2": log2, "dtype": original}
                 widened += dtype != original
@@ -357,15 +380,6 @@ def _f32(value: float) -> bytes:
     return struct.pack("<f", value)
 
 
-def _scaled_f32(factor: TensorData, scale: float) -> TensorData:
-    def compute():
-        import torch
-
-        return (factor.to_torch().to(torch.float64) * scale).to(torch.float32)
-
-    return ComputedTensor(compute, "F32", factor.shape)
-
-
 def _exact_folds(scaled: dict[ModuleKey, LoRA]) -> dict[ModuleKey, tuple[str, int, str]] | None:
     """For each module: the factor, exponent and output dtype that fold its scale exactly; None if any cannot.
 
@@ -373,8 +387,6 @@ def _exact_folds(scaled: dict[ModuleKey, LoRA]) -> dict[ModuleKey, tuple[str, in
     leaves its exponent range (fp16 subnormals, overflow); then float32, whose range covers every
     fp16/bf16 value shifted by a moderate power of two, holds the folded factor exactly.
     """
-    import torch
-
     folds = {}
     for key, lora in scaled.items():
         mantissa, exponent = math.frexp(lora.scale)
@@ -383,9 +395,7 @@ def _exact_folds(scaled: dict[ModuleKey, LoRA]) -> dict[ModuleKey, tuple[str, in
         log2 = exponent - 1
         smaller = min(("up", "down"), key=lambda role: getattr(lora, role).nbytes)
         for role, dtype in (("up", lora.up.dtype), ("down", lora.down.dtype), (smaller, "F32")):
-            values = getattr(lora, role).to_torch().to(torch.float64)
-            folded = (values * math.ldexp(1.0, log2)).to(torch_dtype(dtype)).to(torch.float64)
-            if torch.isfinite(folded).all() and torch.equal(folded * math.ldexp(1.0, -log2), values):
+            if can_shift(getattr(lora, role), log2, dtype):
                 folds[key] = (role, log2, dtype)
                 break
         else:

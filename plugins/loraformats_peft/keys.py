@@ -8,13 +8,15 @@ import math
 import re
 from typing import Any
 
-from loraformats.adapters import Adapter, DoRA, LoRA
+from loraformats.adapters import Adapter, DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.errors import UnsupportedError
+from loraformats.exponent import shift_tensor
 from loraformats.families import Layer
 from loraformats.formats import ReadContext
 from loraformats.header import Header
-from loraformats.tensors import ComputedTensor, MemoryTensor, TensorData, torch_dtype
+from loraformats.report import Step
+from loraformats.tensors import MemoryTensor, TensorData
 
 ALPHAS_KEY = "loraformats.alphas"
 
@@ -118,18 +120,6 @@ def encode_notes(notes: dict[ModuleKey, dict]) -> str:
     )
 
 
-def rescaled(factor: TensorData, log2: int, dtype: str | None = None) -> TensorData:
-    """factor * 2**log2 as `dtype` (default: its own): exact whenever the result is representable."""
-    dtype = dtype or factor.dtype
-
-    def compute():
-        import torch
-
-        return (factor.to_torch().to(torch.float64) * math.ldexp(1.0, log2)).to(torch_dtype(dtype))
-
-    return ComputedTensor(compute, dtype, factor.shape)
-
-
 def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -> None:
     """Undo what a loraformats write did to alphas (recorded under `loraformats.alphas`)."""
     try:
@@ -139,6 +129,7 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
     if not isinstance(notes, dict):
         context.warnings.append(f"ignored an unreadable {ALPHAS_KEY} entry")
         return
+    unfolded = 0
     for address, note in notes.items():
         component, _, path = address.partition(":")
         module = adapters.modules.get((component, path))
@@ -153,8 +144,15 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
                 raise ValueError(address)
             if folded:
                 factor = getattr(lora, folded["factor"])
-                restored = rescaled(factor, -int(folded["log2"]), folded.get("dtype", factor.dtype))
+                restored = shift_tensor(factor, -int(folded["log2"]), folded.get("dtype", factor.dtype))
                 setattr(lora, folded["factor"], restored)
+                unfolded += 1
             lora.alpha, lora.rank_scaling = alpha, note.get("rank_scaling", "rank")
         except (KeyError, ValueError, TypeError):
             context.warnings.append(f"ignored a {ALPHAS_KEY} note that does not fit this file: {address}")
+    if unfolded:
+        detail = "power-of-two alpha folds undone and original alphas restored from loraformats.alphas"
+        step = Step(
+            stage="read", name="unfold alpha", exactness=Exactness.EXACT, modules=unfolded, detail=detail
+        )
+        adapters.provenance.steps.append(step)

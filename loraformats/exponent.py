@@ -1,0 +1,86 @@
+"""Exact power-of-two scaling of float tensors with numpy (no torch): an exponent shift, checked.
+
+Folding alpha/rank = 2**k into a factor changes no mantissa bit unless a value leaves the dtype's
+exponent range (fp16 subnormals, overflow); `shifted` says so by returning None instead of rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .tensors import TensorData
+
+FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def decode(data: bytes, dtype: str) -> np.ndarray:
+    """Float values, widened without rounding (fp16 and bf16 to float32)."""
+    if dtype == "F16":
+        return np.frombuffer(data, np.float16).astype(np.float32)
+    if dtype == "BF16":
+        return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F32":
+        return np.frombuffer(data, np.float32)
+    if dtype == "F64":
+        return np.frombuffer(data, np.float64)
+    raise ValueError(f"not a float dtype: {dtype}")
+
+
+def encode(values: np.ndarray, dtype: str) -> bytes | None:
+    """The bytes of `values` as `dtype`, or None if that would round or overflow any value."""
+    if not np.isfinite(values).all():
+        return None
+    if dtype == "BF16":
+        bits = values.astype(np.float32).view(np.uint32)
+        if values.dtype == np.float64 and not np.array_equal(
+            bits.view(np.float32).astype(np.float64), values
+        ):
+            return None
+        return None if (bits & 0xFFFF).any() else (bits >> 16).astype(np.uint16).tobytes()
+    narrow = values.astype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])
+    if not (np.isfinite(narrow).all() and np.array_equal(narrow.astype(values.dtype), values)):
+        return None
+    return narrow.tobytes()
+
+
+def shifted(data: bytes, dtype: str, log2: int, out_dtype: str) -> bytes | None:
+    """data * 2**log2 as `out_dtype`, only if exact."""
+    values = decode(data, dtype)
+    scaled = np.ldexp(values, log2)
+    if not np.array_equal(np.ldexp(scaled, -log2), values):  # a value fell off the working range
+        return None
+    return encode(scaled, out_dtype)
+
+
+def scaled_f32(data: bytes, dtype: str, scale: float) -> bytes:
+    """data * scale rounded once to float32 (the `fold_alpha` request: exact in real arithmetic only)."""
+    return (decode(data, dtype).astype(np.float64) * scale).astype(np.float32).tobytes()
+
+
+class NumpyTensor(TensorData):
+    """A tensor whose bytes a numpy function computes from another tensor's, when needed."""
+
+    def __init__(self, source: TensorData, compute: Callable[[bytes], bytes | None], dtype: str) -> None:
+        self.source, self.compute, self.dtype, self.shape = source, compute, dtype, source.shape
+
+    def read_bytes(self) -> bytes:
+        data = self.compute(self.source.read_bytes())
+        if data is None:
+            raise ValueError("an exact rescaling turned out inexact: the input changed while being read")
+        return data
+
+
+def shift_tensor(factor: TensorData, log2: int, dtype: str | None = None) -> TensorData:
+    """factor * 2**log2 as `dtype` (default: its own), computed lazily; exact when `can_shift` said so."""
+    out = dtype or factor.dtype
+    return NumpyTensor(factor, lambda data: shifted(data, factor.dtype, log2, out), out)
+
+
+def can_shift(factor: TensorData, log2: int, dtype: str) -> bool:
+    return factor.dtype in FLOATS and shifted(factor.read_bytes(), factor.dtype, log2, dtype) is not None
+
+
+def scale_tensor_f32(factor: TensorData, scale: float) -> TensorData:
+    return NumpyTensor(factor, lambda data: scaled_f32(data, factor.dtype, scale), "F32")
