@@ -7,16 +7,20 @@ exponent range (fp16 subnormals, overflow); `shifted` says so by returning None 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .tensors import TensorData
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FLOATS = ("F16", "BF16", "F32", "F64")
 
 
 def decode(data: bytes, dtype: str) -> np.ndarray:
     """Float values, widened without rounding (fp16 and bf16 to float32)."""
+    import numpy as np
+
     if dtype == "F16":
         return np.frombuffer(data, np.float16).astype(np.float32)
     if dtype == "BF16":
@@ -30,6 +34,8 @@ def decode(data: bytes, dtype: str) -> np.ndarray:
 
 def encode(values: np.ndarray, dtype: str) -> bytes | None:
     """The bytes of `values` as `dtype`, or None if that would round or overflow any value."""
+    import numpy as np
+
     if not np.isfinite(values).all():
         return None
     if dtype == "BF16":
@@ -47,6 +53,8 @@ def encode(values: np.ndarray, dtype: str) -> bytes | None:
 
 def shifted(data: bytes, dtype: str, log2: int, out_dtype: str) -> bytes | None:
     """data * 2**log2 as `out_dtype`, only if exact."""
+    import numpy as np
+
     values = decode(data, dtype)
     scaled = np.ldexp(values, log2)
     if not np.array_equal(np.ldexp(scaled, -log2), values):  # a value fell off the working range
@@ -56,6 +64,8 @@ def shifted(data: bytes, dtype: str, log2: int, out_dtype: str) -> bytes | None:
 
 def scaled_f32(data: bytes, dtype: str, scale: float) -> bytes:
     """data * scale rounded once to float32 (the `fold_alpha` request: exact in real arithmetic only)."""
+    import numpy as np
+
     return (decode(data, dtype).astype(np.float64) * scale).astype(np.float32).tobytes()
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.errors import InvalidFileError, UnsupportedError
-from loraformats.exponent import can_shift, scale_tensor_f32, shift_tensor
+from loraformats.exponent import scale_tensor_f32, shift_tensor
 from loraformats.families import CANONICAL, Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
@@ -387,15 +387,17 @@ def _exact_folds(scaled: dict[ModuleKey, LoRA]) -> dict[ModuleKey, tuple[str, in
     leaves its exponent range (fp16 subnormals, overflow); then float32, whose range covers every
     fp16/bf16 value shifted by a moderate power of two, holds the folded factor exactly.
     """
+    from loraformats import exponent  # numpy, only when there is something to fold
+
     folds = {}
     for key, lora in scaled.items():
-        mantissa, exponent = math.frexp(lora.scale)
+        mantissa, power = math.frexp(lora.scale)
         if mantissa != 0.5:
             return None
-        log2 = exponent - 1
+        log2 = power - 1
         smaller = min(("up", "down"), key=lambda role: getattr(lora, role).nbytes)
-        for role, dtype in (("up", lora.up.dtype), ("down", lora.down.dtype), (smaller, "F32")):
-            if can_shift(getattr(lora, role), log2, dtype):
+        for role, dtype in (("up", lora.up.dtype), (smaller, "F32")):  # the second try rarely fails
+            if exponent.can_shift(getattr(lora, role), log2, dtype):
                 folds[key] = (role, log2, dtype)
                 break
         else:

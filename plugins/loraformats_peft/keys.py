@@ -11,7 +11,6 @@ from typing import Any
 from loraformats.adapters import Adapter, DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.errors import UnsupportedError
-from loraformats.exponent import shift_tensor
 from loraformats.families import Layer
 from loraformats.formats import ReadContext
 from loraformats.header import Header
@@ -143,6 +142,8 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
             if not isinstance(lora, LoRA) or (folded and folded["factor"] not in ("up", "down")):
                 raise ValueError(address)
             if folded:
+                from loraformats.exponent import shift_tensor
+
                 factor = getattr(lora, folded["factor"])
                 restored = shift_tensor(factor, -int(folded["log2"]), folded.get("dtype", factor.dtype))
                 setattr(lora, folded["factor"], restored)
