@@ -10,20 +10,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
 from loraformats_sd.tables import ldm_name, ldm_naming, unet_component
+from tiny import UNET_SD1, UNET_SDXL
 
 LDM_PREFIX = "model.diffusion_model."
-
-SD1_LIKE = {
-    "sample_size": 8,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 2,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "norm_num_groups": 16,
-}
 
 # SD 2's layout, with one resnet per level and an attention in every block but the deepest.
 SD2_LIKE = {
@@ -38,23 +29,7 @@ SD2_LIKE = {
     "norm_num_groups": 8,
 }
 
-SDXL_LIKE = {
-    "sample_size": 8,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 2,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2),
-    "attention_head_dim": (2, 4),
-    "cross_attention_dim": 32,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 32 + 6 * 8,  # pooled text embeds + 6 time ids
-    "norm_num_groups": 16,
-}
-
-CONFIGS = {"sd1-like": SD1_LIKE, "sd2-like": SD2_LIKE, "sdxl-like": SDXL_LIKE}
+CONFIGS = {"sd1-like": UNET_SD1, "sd2-like": SD2_LIKE, "sdxl-like": UNET_SDXL}
 
 
 def build(config: dict) -> UNet2DConditionModel:
@@ -98,13 +73,13 @@ def test_component_covers_every_parameterised_module(config):
 
 def test_sampler_positions_follow_the_config():
     """An up block's upsampler follows its attention when it has one: SD1 `.1.conv`, SDXL `.2.conv`."""
-    assert ldm_name("up_blocks.0.upsamplers.0.conv", SD1_LIKE) == "output_blocks.2.1.conv"
-    assert ldm_name("up_blocks.0.upsamplers.0.conv", SDXL_LIKE) == "output_blocks.2.2.conv"
-    assert ldm_name("down_blocks.0.downsamplers.0.conv", SDXL_LIKE) == "input_blocks.3.0.op"
+    assert ldm_name("up_blocks.0.upsamplers.0.conv", UNET_SD1) == "output_blocks.2.1.conv"
+    assert ldm_name("up_blocks.0.upsamplers.0.conv", UNET_SDXL) == "output_blocks.2.2.conv"
+    assert ldm_name("down_blocks.0.downsamplers.0.conv", UNET_SDXL) == "input_blocks.3.0.op"
     assert ldm_name("down_blocks.1.downsamplers.0.conv", SD2_LIKE) == "input_blocks.4.0.op"
     assert ldm_name("up_blocks.1.upsamplers.0.conv", SD2_LIKE) == "output_blocks.3.2.conv"
-    assert ldm_name("add_embedding.linear_2", SDXL_LIKE) == "label_emb.0.2"
-    assert ldm_name("mid_block.resnets.1.conv_shortcut", SD1_LIKE) == "middle_block.2.skip_connection"
+    assert ldm_name("add_embedding.linear_2", UNET_SDXL) == "label_emb.0.2"
+    assert ldm_name("mid_block.resnets.1.conv_shortcut", UNET_SD1) == "middle_block.2.skip_connection"
 
 
 @pytest.mark.parametrize(
@@ -122,4 +97,4 @@ def test_sampler_positions_follow_the_config():
 )
 def test_paths_without_ldm_equivalent_are_refused(path):
     with pytest.raises(ValueError, match=r"no LDM equivalent|the config has"):
-        ldm_name(path, SDXL_LIKE)
+        ldm_name(path, UNET_SDXL)
