@@ -10,6 +10,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .adapters import ALGORITHMS, Adapter
 from .canonical import AdapterSet, ModuleKey, Provenance
@@ -17,6 +18,7 @@ from .errors import InvalidFileError, UnsupportedError, UsageError
 from .families import Component, Family, Layer
 from .formats import Format, ParsedFile, ParsedModule, ReadContext
 from .header import Header
+from .jsontext import parse_json
 from .tensors import FileTensor, SourceFile
 
 #: Header entries loraformats itself writes; all live under this prefix.
@@ -26,8 +28,9 @@ NAMINGS_KEY = "loraformats.namings"  # the naming of the source's flattened (Koh
 SPELLINGS_KEY = "loraformats.spellings"  # the naming of the source's dotted names
 
 
-@dataclass
-class Match:
+class Match(NamedTuple):
+    """A parsed module found in a family (a tuple: resolve makes one per module per family)."""
+
     module: ParsedModule
     component: Component
     path: str
@@ -69,22 +72,46 @@ _UNSEEN = object()
 
 
 def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
-    """Find each parsed module in `family` (by name, then by shape). Reads only the header.
+    """Find each parsed module in `family` (by name, then by shape). Reads only the header."""
+    return resolve_all(parsed, header, [family])[0]
 
-    Detection runs this for every family over every module, so it is kept lean: components are
-    looked up once per hint, and a shape verdict once per (algorithm, layer, shapes) -- files
-    repeat a few geometries hundreds of times.
+
+def resolve_all(parsed: ParsedFile, header: Header, families: Iterable[Family]) -> list[Resolution]:
+    """`resolve` against several families at once, as detection and `choose_family` need.
+
+    Kept lean because it runs for every family over every module: each module's shapes are read
+    once, components are looked up once per hint, and a shape verdict is computed once per
+    (algorithm, layer, shapes) -- files repeat a few geometries hundreds of times, and equal
+    layers are one object (`Layer.from_spec`), shared across families.
     """
-    result = Resolution(family)
     tensors = header.tensors
-    components: dict[tuple, list[Component]] = {}
-    verdicts: dict[tuple, str | None] = {}
+    kinds: dict[tuple, int] = {}  # signature -> small id, so verdict keys hash cheaply
+    signatures = []
     for module in parsed.modules:
+        signature = [module.algorithm]
+        for role, name in module.tensors.items():
+            signature += (role, tensors[name].shape)
+        signatures.append(kinds.setdefault(tuple(signature), len(kinds)))
+    shapes = {i: dict(zip(s[1::2], s[2::2], strict=True)) for s, i in kinds.items()}
+    verdicts: dict[tuple[int, int], str | None] = {}
+    return [_resolve(parsed.modules, signatures, shapes, family, verdicts) for family in families]
+
+
+def _resolve(
+    modules: list[ParsedModule],
+    signatures: list[int],
+    shapes: dict[int, dict[str, tuple[int, ...]]],
+    family: Family,
+    verdicts: dict[tuple[int, int], str | None],
+) -> Resolution:
+    result = Resolution(family)
+    components: dict[tuple, list[Component]] = {}
+    for module, signature in zip(modules, signatures, strict=True):
         hint = module.hint
         candidates = components.get((hint.name, hint.role, hint.slot))  # cheaper than the dataclass hash
         if candidates is None:
             candidates = components[(hint.name, hint.role, hint.slot)] = family.find_components(hint)
-        found, problem, layer, signature = None, None, None, None
+        found, problem, layer = None, None, None
         for component in candidates:
             lookup = component.resolve_flat if module.flat else component.resolve_dotted
             for name in module.names:
@@ -92,16 +119,11 @@ def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
                 if hit is None:
                     continue
                 layer = component.modules[hit[0]]
-                if signature is None:
-                    signature = (
-                        module.algorithm,
-                        *[(r, tensors[t].shape) for r, t in module.tensors.items()],
-                    )
-                key = (id(layer), signature)  # equal layers are one object (see `Layer.from_spec`)
+                key = (id(layer), signature)
                 problem = verdicts.get(key, _UNSEEN)
                 if problem is _UNSEEN:
-                    shapes = dict(signature[1:])
-                    problem = verdicts[key] = ALGORITHMS[module.algorithm].shape_problem(shapes, layer)
+                    algorithm = ALGORITHMS[module.algorithm]
+                    problem = verdicts[key] = algorithm.shape_problem(shapes[signature], layer)
                 if problem is None:
                     found = Match(module, component, *hit)
                     break
@@ -252,8 +274,8 @@ def _model_order(family: Family):
 
 def _notes(header: Header, key: str) -> dict:
     try:
-        value = json.loads(header.metadata.get(key, "{}"))
-    except json.JSONDecodeError:
+        value = parse_json(header.metadata.get(key, "{}"))
+    except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -262,8 +284,8 @@ def own_metadata(metadata: dict[str, str]) -> dict[str, str]:
     """The source's metadata: our own notes removed, stashed foreign entries restored."""
     result = {k: v for k, v in metadata.items() if not k.startswith(NOTE_PREFIX)}
     try:
-        stash = json.loads(metadata.get(STASH_KEY, "{}"))
-    except json.JSONDecodeError:
+        stash = parse_json(metadata.get(STASH_KEY, "{}"))
+    except ValueError:
         stash = {}
     if isinstance(stash, dict):
         for key, value in stash.items():

@@ -1,200 +1,148 @@
 """Header-only detection: which format, which family, which algorithms, and why.
 
-Every installed format scores the names; the formats that explain the file parse it, and every
-installed family tries to resolve the parsed modules by name and shape. No tensor data is read.
+Every installed format sniffs the names (and describes the metadata); the one that explains the
+file parses it, and every installed family resolves the parsed modules by name and shape
+(`assemble.resolve`). Tensor evidence decides; metadata that disagrees is reported as a
+contradiction, never followed. No tensor data is read unless `read_alphas` asks for the scalar
+alphas. `unknown` and `ambiguous` are answers, not errors.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections import Counter
-from typing import Literal
+from pathlib import Path
 
-from pydantic import BaseModel, Field
-
-from .assemble import resolve
-from .errors import LoraFormatsError
-from .header import Header
+from . import format_choice
+from .assemble import Part, Resolution, resolve_all, resolve_parts
+from .detection_result import SCHEMA_VERSION, Candidate, ComponentSummary, Detection, ModuleGroup
+from .evidence import ambiguity, claimed_families, describe, report_claims, score_families
+from .families import Family
+from .format_choice import FormatChoice
+from .formats import Format
+from .header import Header, parse_header
 from .plugins import registry
-from .tensors import FileTensor, SourceFile
+from .summary import summarise
 
-SCHEMA_VERSION = 1
+__all__ = [
+    "SCHEMA_VERSION", "Candidate", "ComponentSummary", "Detection", "ModuleGroup", "complete_formats",
+    "detect", "detect_headers", "header_from_bytes",
+]  # fmt: skip
 
-
-class Candidate(BaseModel):
-    name: str
-    score: float
-    reasons: list[str] = Field(default_factory=list)
-    against: list[str] = Field(default_factory=list)
-
-
-class ComponentSummary(BaseModel):
-    name: str
-    modules: int
-    ranks: dict[str, int] = Field(description="rank -> number of modules")
-    dtypes: list[str]
-
-
-class Detection(BaseModel):
-    """The answer to "what is this file". `unknown` and `ambiguous` are valid answers."""
-
-    schema_version: Literal[1] = SCHEMA_VERSION
-    path: str
-    format: str
-    family: str
-    algorithms: list[str] = Field(default_factory=list)
-    components: list[ComponentSummary] = Field(default_factory=list)
-    alphas: dict[str, int] = Field(
-        default_factory=dict,
-        description="alpha value -> number of modules; filled only on request (alpha tensors are data)",
-    )
-    metadata_keys: int = 0
-    tensors: int = 0
-    reasons: list[str] = Field(default_factory=list)
-    formats: list[Candidate] = Field(default_factory=list)
-    families: list[Candidate] = Field(default_factory=list)
-
-
-def _explains(fmt, header: Header) -> bool:
-    """Whether the format's parse of the header fits exactly one family (header only)."""
-    try:
-        parsed = fmt.parse(header)
-    except LoraFormatsError:
-        return False
-    if parsed.unsupported:
-        return False
-    return sum(resolve(parsed, header, f).fits for f in registry.families().values()) == 1
-
-
-def complete_formats(header: Header) -> list:
-    """Formats whose grammar explains every tensor name; ties broken by which ones fit a family."""
-    complete = [fmt for fmt in registry.formats().values() if fmt.sniff(header).score >= 1.0]
-    if len(complete) > 1:
-        fitting = [fmt for fmt in complete if _explains(fmt, header)]
-        return fitting or complete
-    return complete
+#: A contradiction between metadata and tensors lowers confidence by this factor: the tensors still
+#: decide, but a file that misdescribes itself deserves a second look.
+CONTRADICTION_FACTOR = 0.9
 
 
 def detect(
-    source: str | os.PathLike | Header, *, read_alphas: bool = False, allow_pickle: bool = False
+    source: str | os.PathLike | Header | bytes,
+    *,
+    read_alphas: bool = False,
+    allow_pickle: bool = False,
 ) -> Detection:
-    """Detect format and family from the header. `read_alphas` also reads the scalar alpha tensors."""
+    """Identify a LoRA from its header: a path (file or directory), a parsed `Header`, or raw header
+    bytes (with or without the 8-byte length prefix, e.g. fetched with an HTTP range request).
+
+    `read_alphas` also reads the scalar alpha tensors (the only tensor data detection ever reads).
+    """
+    return detect_headers(source, read_alphas=read_alphas, allow_pickle=allow_pickle)[0]
+
+
+def detect_headers(
+    source: str | os.PathLike | Header | bytes, *, read_alphas: bool = False, allow_pickle: bool = False
+) -> tuple[Detection, list[Header]]:
+    """`detect`, also returning the validated headers it read (for `inspect`'s size accounting)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = header_from_bytes(bytes(source))
     if isinstance(source, Header):
-        return _detect(source, read_alphas)
-    from .conversion import open_header
+        return _detect(format_choice.for_header(source), str(source.path), read_alphas), [source]
+    path = Path(source)
+    if path.is_dir():
+        choice = format_choice.for_directory(path, allow_pickle)
+        headers = [header for header, _ in choice.parts]
+    else:
+        from .conversion import open_header
 
-    header = open_header(source, allow_pickle=allow_pickle)
+        headers = [open_header(path, allow_pickle=allow_pickle)]
+        choice = format_choice.for_header(headers[0])
     try:
-        result = _detect(header, read_alphas)
+        return _detect(choice, str(source), read_alphas), headers
     finally:
-        if header.temporary:
-            header.path.unlink(missing_ok=True)
-    result.path = str(source)
-    return result
+        for header in headers:
+            if header.temporary:  # a pickle re-written as safetensors for reading
+                header.path.unlink(missing_ok=True)
 
 
-def _detect(header: Header, read_alphas: bool) -> Detection:
+def header_from_bytes(raw: bytes) -> Header:
+    """A validated header from bytes: the JSON alone, or the file's first 8 + N bytes."""
+    if raw[:1] != b"{" and len(raw) >= 8:
+        (n,) = struct.unpack("<Q", raw[:8])
+        raw = raw[8 : 8 + n]
+    return parse_header(raw)
+
+
+def complete_formats(header: Header) -> list[Format]:
+    """Formats whose grammar explains every tensor name; ties broken by which ones fit a family."""
+    return format_choice.complete(header, format_choice.sniff_all(header))[0]
+
+
+def _detect(choice: FormatChoice, where: str, read_alphas: bool) -> Detection:
+    """Families, evidence and summaries for a format choice."""
+    headers = [header for header, _ in choice.parts]
     result = Detection(
-        path=str(header.path),
-        format="unknown",
+        path=where,
+        format=choice.status,
         family="unknown",
-        metadata_keys=len(header.metadata),
-        tensors=len(header.tensors),
+        metadata_keys=sum(len(h.metadata) for h in headers),
+        tensors=sum(len(h.tensors) for h in headers),
     )
-    scored = []
-    for fmt in registry.formats().values():
-        evidence = fmt.sniff(header)
-        scored.append((evidence, fmt))
-        result.formats.append(
-            Candidate(
-                name=fmt.name,
-                score=round(evidence.score, 4),
-                reasons=evidence.reasons,
-                against=evidence.against,
-            )
-        )
-    result.formats.sort(key=lambda c: -c.score)
-    complete = complete_formats(header)
-    if len(complete) > 1:
-        result.format = "ambiguous"
-        result.reasons.append("several formats explain every name: " + ", ".join(f.name for f in complete))
+    result.formats = sorted(
+        (
+            Candidate(name=name, score=round(said.score, 4), reasons=said.reasons, against=said.against)
+            for name, said in choice.evidence.items()
+        ),
+        key=lambda c: -c.score,
+    )
+    result.reasons += choice.reasons
+    families = registry.families()
+    result.metadata, claims = describe(list(registry.formats().values()), headers)
+    claims = claimed_families(claims, families)
+    if choice.chosen is None:
+        report_claims(result, claims, {}, [])
         return result
-    if not complete:
-        result.reasons.append("no installed format explains every tensor name")
-        return result
-    fmt = complete[0]
-    result.format = fmt.name
-    try:
-        parsed = fmt.parse(header)
-    except LoraFormatsError as error:
-        result.reasons.append(f"{fmt.name}: {error.message}")
-        return result
-    if parsed.unsupported:
-        reasons = Counter(parsed.unsupported.values())
+    unsupported = Counter(why for _, parsed in choice.parts for why in parsed.unsupported.values())
+    if unsupported:
         result.reasons.append(
-            "not convertible yet: " + "; ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
+            "not convertible yet: " + "; ".join(f"{r} ({n})" for r, n in unsupported.most_common(3))
         )
-    result.algorithms = sorted({m.algorithm for m in parsed.modules})
-    fitting = []
-    for family in registry.families().values():
-        resolution = resolve(parsed, header, family)
-        total = len(parsed.modules) or 1
-        candidate = Candidate(name=family.name, score=round(len(resolution.matches) / total, 4))
-        if resolution.matches:
-            candidate.reasons.append(resolution.summary())
-        if resolution.unknown:
-            candidate.against.append(
-                f"{len(resolution.unknown)} module names unknown, e.g. {resolution.unknown[0]}"
-            )
-        if resolution.misfit:
-            candidate.against.append(
-                f"{len(resolution.misfit)} shapes do not fit, e.g. {resolution.misfit[0]}"
-            )
-        result.families.append(candidate)
-        if resolution.fits:
-            fitting.append(resolution)
-    result.families.sort(key=lambda c: -c.score)
+    result.algorithms = sorted(  # a module of nothing but an alpha (its factors unsupported) says nothing
+        {m.algorithm for _, parsed in choice.parts for m in parsed.modules if set(m.tensors) - {"alpha"}}
+    )
+    resolutions = choice.resolutions or _resolve(choice.parts, families)
+    fitting = [r for r in resolutions.values() if r.fits]
+    ruled_out = score_families(result, resolutions, fitting)
+    winner = fitting[0] if fitting else None
     if len(fitting) == 1:
-        resolution = fitting[0]
-        result.family = resolution.family.name
-        result.reasons.append(f"every module resolves in {resolution.family.name} by name and shape")
-        _summarise(result, header, resolution, read_alphas)
+        result.family = winner.family.name
+        result.reasons.append(f"every module resolves in {winner.family.name} by name and shape")
+        result.reasons += ruled_out
     elif fitting:
         result.family = "ambiguous"
-        result.reasons.append(
-            "the header fits several families equally: " + ", ".join(r.family.name for r in fitting)
-        )
-        _summarise(result, header, fitting[0], read_alphas)
+        result.reasons.append("the header fits several families equally: " + ambiguity(fitting))
     else:
         result.reasons.append("no installed family explains every module")
+    report_claims(result, claims, resolutions, fitting)
+    if winner is not None:
+        summarise(result, choice, winner, read_alphas)
+    family_share = 1 / len(fitting) if fitting else 0.0
+    penalty = CONTRADICTION_FACTOR if result.contradictions else 1.0
+    result.confidence = round(choice.share * family_share * penalty, 4)
     return result
 
 
-def _summarise(result: Detection, header: Header, resolution, read_alphas: bool) -> None:
-    by_component: dict[str, list] = {}
-    for match in resolution.matches:
-        by_component.setdefault(match.component.name, []).append(match.module)
-    for name, modules in by_component.items():
-        ranks = Counter(
-            str(header.tensors[m.tensors["down"]].shape[0]) for m in modules if "down" in m.tensors
-        )
-        dtypes = sorted(
-            {header.tensors[t].dtype for m in modules for r, t in m.tensors.items() if r != "alpha"}
-        )
-        result.components.append(
-            ComponentSummary(name=name, modules=len(modules), ranks=dict(ranks), dtypes=dtypes)
-        )
-    if read_alphas:
-        source = SourceFile(header.path)
-        try:
-            for match in resolution.matches:
-                name = match.module.tensors.get("alpha")
-                if name:
-                    info = header.tensors[name]
-                    value = FileTensor(
-                        source, header.data_start + info.start, info.dtype, info.shape
-                    ).scalar()
-                    key = str(int(value)) if value.is_integer() else repr(value)
-                    result.alphas[key] = result.alphas.get(key, 0) + 1
-        finally:
-            source.close()
+def _resolve(parts: list[Part], families: dict[str, Family]) -> dict[str, Resolution]:
+    if len(parts) == 1:
+        header, parsed = parts[0]
+        return dict(zip(families, resolve_all(parsed, header, families.values()), strict=True))
+    return {name: resolve_parts(parts, family) for name, family in families.items()}

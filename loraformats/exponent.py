@@ -36,7 +36,7 @@ def encode(values: np.ndarray, dtype: str) -> bytes | None:
     """The bytes of `values` as `dtype`, or None if that would round or overflow any value."""
     import numpy as np
 
-    if not np.isfinite(values).all():
+    if dtype not in FLOATS or not np.isfinite(values).all():
         return None
     if dtype == "BF16":
         bits = values.astype(np.float32).view(np.uint32)
@@ -56,17 +56,19 @@ def shifted(data: bytes, dtype: str, log2: int, out_dtype: str) -> bytes | None:
     import numpy as np
 
     values = decode(data, dtype)
-    scaled = np.ldexp(values, log2)
-    if not np.array_equal(np.ldexp(scaled, -log2), values):  # a value fell off the working range
-        return None
-    return encode(scaled, out_dtype)
+    with np.errstate(all="ignore"):  # overflow and underflow are detected below, not warned about
+        scaled = np.ldexp(values, log2)
+        if not np.array_equal(np.ldexp(scaled, -log2), values):  # a value fell off the working range
+            return None
+        return encode(scaled, out_dtype)
 
 
 def scaled_f32(data: bytes, dtype: str, scale: float) -> bytes:
     """data * scale rounded once to float32 (the `fold_alpha` request: exact in real arithmetic only)."""
     import numpy as np
 
-    return (decode(data, dtype).astype(np.float64) * scale).astype(np.float32).tobytes()
+    with np.errstate(all="ignore"):
+        return (decode(data, dtype).astype(np.float64) * scale).astype(np.float32).tobytes()
 
 
 class NumpyTensor(TensorData):

@@ -36,6 +36,8 @@ INT64_MAX = 2**63 - 1
 
 NOT_REGULAR = "is not a regular file (a FIFO, socket or device)"
 
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 _PICKLE_HINTS = {b"PK\x03\x04": "a zip archive (PyTorch's torch.save format)", b"\x80": "a Python pickle"}
@@ -71,12 +73,14 @@ class Header:
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise InvalidFileError(f"header names tensor {key!r} twice")
-        seen[key] = value
-    return seen
+    result = dict(pairs)
+    if len(result) != len(pairs):  # rare: find the culprit the slow way
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidFileError(f"header names tensor {key!r} twice")
+            seen.add(key)
+    return result
 
 
 def _not_safetensors_hint(first: bytes) -> str:
@@ -206,7 +210,7 @@ def _check_text(strings: Iterable[str], what: str) -> None:
 
 
 def _tensor_info(name: str, entry: object) -> TensorInfo:
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+    if not isinstance(entry, dict) or entry.keys() != _ENTRY_FIELDS:
         raise InvalidFileError(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:

@@ -1,8 +1,14 @@
-"""Detection names format and family from the header alone, and says `ambiguous` when it cannot tell."""
+"""Detection names format and family from the header alone, says which shapes decided, reports metadata
+that contradicts the tensors, and says `ambiguous` when it cannot tell."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -10,8 +16,24 @@ import torch
 from safetensors.torch import save_file
 
 import loraformats
+import unreadable
+from headers.corpus import (
+    OTHER,
+    SPELLINGS,
+    Layout,
+    build,
+    corpus,
+    header_bytes,
+    modules,
+    rank_of,
+    write,
+    write_files,
+)
 from loraformats.cli import main
+from loraformats.errors import UsageError
 from loraformats.plugins import registry
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def kohya_from_table(path, family: str, keep, *, naming: str | None = None) -> int:
@@ -114,3 +136,287 @@ def test_not_a_lora_is_unknown(tmp_path):
     save_file({"conv.weight": torch.zeros(2, 2)}, path)
     result = loraformats.detect(path)
     assert (result.format, result.family) == ("unknown", "unknown")
+
+
+# ------------------------------------------------------------------------------------------ the corpus
+
+LAYOUTS = corpus()
+#: (family, selection) -> the families that fit equally; reviewed by hand: SD1 and SD2 share every
+#: self-attention and ResNet shape, and SD1's text encoder is SDXL's first (CLIP ViT-L) exactly.
+TIES = {
+    ("sd1", "attn1"): {"sd1", "sd2"},
+    ("sd2", "attn1"): {"sd1", "sd2"},
+    ("sd1", "conv"): {"sd1", "sd2"},
+    ("sd2", "conv"): {"sd1", "sd2"},
+    ("sd1", "te"): {"sd1", "sdxl"},
+}
+
+
+def fitting(result) -> set[str]:
+    """Families that explain every module (metadata may still speak against one of them)."""
+    return {c.name for c in result.families if c.score == 1.0}
+
+
+def expected_variant(layout: Layout) -> str:
+    family = registry.families()[layout.family]
+    naming = layout.spelling or family.components["unet"].flat_naming
+    has_unet = any(c.role == "denoiser" for c, _, _ in modules(layout))
+    return "unet: ldm" if layout.format == "kohya" and naming == "ldm" and has_unet else "canonical"
+
+
+def test_corpus_covers_every_format_spelling_and_family():
+    seen = {(layout.family, layout.format, layout.spelling) for layout in LAYOUTS}
+    for family in ("sd1", "sd2", "sdxl"):
+        for fmt, spellings in SPELLINGS.items():
+            assert {(family, fmt, s) for s in spellings} <= seen
+    assert len(LAYOUTS) >= 300
+    assert {"tucker", "dora"} <= {layout.algorithm for layout in LAYOUTS}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.id for layout in LAYOUTS])
+def test_corpus_layout_is_identified_from_its_header(layout):
+    fixture = build(layout)
+    result = loraformats.detect(header_bytes(fixture))
+    tie = TIES.get((layout.family, layout.selection))
+    assert result.format == layout.format, result.reasons
+    assert result.family == ("ambiguous" if tie else layout.family), result.reasons
+    if tie:
+        assert fitting(result) == tie
+        assert any("modules that would tell them apart are absent" in r for r in result.reasons)
+    assert result.variant == expected_variant(layout)
+    assert result.algorithms == ["dora" if layout.algorithm == "dora" else "lora"]
+    per_component = Counter(c.name for c, _, _ in modules(layout))
+    assert {c.name: c.modules for c in result.components} == dict(per_component)
+    ranks = Counter(str(rank_of(layout, i, layer)) for i, (_, _, layer) in enumerate(modules(layout)))
+    assert sum((Counter(c.ranks) for c in result.components), Counter()) == ranks
+    assert {d for c in result.components for d in c.dtypes} == {layout.dtype}
+    assert sum(g.modules for g in result.groups) == sum(per_component.values())
+    claimed = OTHER[layout.family] if layout.metadata == "contradicting" else layout.family
+    assert bool(result.contradictions) == (claimed not in (tie or {layout.family}))  # a tie may agree
+    certainty = 0.5 if tie else 1.0
+    assert result.confidence == pytest.approx(certainty * (0.9 if result.contradictions else 1.0))
+
+
+# ------------------------------------------------------------------------------------------ real tools
+
+TOOLS = sorted((Path(__file__).parent / "headers" / "tools").glob("*.json"))
+
+
+@pytest.mark.parametrize("fixture", TOOLS, ids=[path.stem for path in TOOLS])
+def test_headers_written_by_real_tools_are_identified(fixture, tmp_path):
+    recorded = json.loads(fixture.read_text())
+    root = write_files(recorded["files"], tmp_path)
+    target = root if len(recorded["files"]) > 1 else root / next(iter(recorded["files"]))
+    with unreadable_data():
+        result = loraformats.detect(target)
+    expect = recorded["expect"]
+    assert (result.format, result.family) == (expect["format"], expect["family"]), result.reasons
+    if "unsupported" in expect:
+        assert any(expect["unsupported"] in reason for reason in result.reasons)
+        return
+    assert result.algorithms == expect["algorithms"]
+    assert [c.name for c in result.components] == expect["components"]
+    assert result.confidence == 1.0
+
+
+# ------------------------------------------------------------------------------------------ evidence
+
+
+def test_reasons_name_the_shapes_that_decided():
+    result = loraformats.detect(header_bytes(build(Layout("sd1", "kohya", selection="unet_attention"))))
+    assert result.family == "sd1"
+    decided = [r for r in result.reasons if r.startswith("not sd2:")]
+    assert decided and "attn2_to_k: input width 768 (sd1) vs 1024 (sd2)" in decided[0]
+    sd2 = next(c for c in result.families if c.name == "sd2")
+    assert any("input width 768 (sd1) vs 1024 (sd2)" in text for text in sd2.against)
+
+
+def test_names_alone_can_decide_and_say_so():
+    result = loraformats.detect(header_bytes(build(Layout("sdxl", "diffusers", selection="te2"))))
+    assert result.family == "sdxl"
+    assert any(r.startswith("not sd1:") and "module names it does not have" in r for r in result.reasons)
+
+
+def test_metadata_that_names_another_family_is_a_contradiction_and_the_tensors_win():
+    layout = Layout("sdxl", "kohya", selection="attention", metadata="contradicting")
+    result = loraformats.detect(header_bytes(build(layout)))
+    assert result.family == "sdxl"
+    assert len(result.contradictions) == 2
+    assert result.contradictions[0].startswith(
+        "ss_base_model_version=sd_v1 names sd1, but the tensors fit sdxl"
+    )
+    assert "input width 2048 (sdxl) vs 768 (sd1)" in result.contradictions[0]
+    assert result.contradictions[1].startswith("modelspec.architecture=stable-diffusion-v1/lora names sd1")
+    sd1 = next(c for c in result.families if c.name == "sd1")
+    assert "metadata ss_base_model_version=sd_v1 names sd1" in sd1.against
+
+
+def test_metadata_agreeing_with_the_tensors_is_evidence_for_the_family():
+    result = loraformats.detect(header_bytes(build(Layout("sd2", "kohya", metadata="sd-scripts"))))
+    assert (result.family, result.contradictions, result.confidence) == ("sd2", [], 1.0)
+    sd2 = next(c for c in result.families if c.name == "sd2")
+    assert "metadata modelspec.architecture=stable-diffusion-v2-512/lora names sd2" in sd2.reasons
+
+
+def test_a_tie_stays_ambiguous_when_metadata_suggests_one_side():
+    result = loraformats.detect(
+        header_bytes(build(Layout("sd1", "kohya", selection="attn1", metadata="sd-scripts")))
+    )
+    assert result.family == "ambiguous" and fitting(result) == {"sd1", "sd2"}
+    assert any("suggests sd1; the tensors cannot tell" in reason for reason in result.reasons)
+    sd2 = next(c for c in result.families if c.name == "sd2")
+    assert "metadata ss_base_model_version=sd_v1 names sd1" in sd2.against
+
+
+def test_metadata_is_summarised_by_the_format_plugins():
+    result = loraformats.detect(header_bytes(build(Layout("sdxl", "kohya", metadata="sd-scripts"))))
+    assert result.metadata["trigger_words"] == "mychar, 1girl, solo, smile, outdoors"
+    assert result.metadata["ss_network_module"] == "networks.lora"
+    assert result.metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert "ss_session_id" not in result.metadata
+    config = loraformats.detect(header_bytes(build(Layout("sd1", "diffusers", metadata="diffusers-config"))))
+    assert config.metadata["lora_adapter_metadata.unet.r"] == "4"
+
+
+def test_modelspec_trigger_phrase_wins_over_tag_frequency():
+    fixture = build(Layout("sd1", "kohya", metadata="sd-scripts"))
+    fixture["metadata"]["modelspec.trigger_phrase"] = "sks dog"
+    assert loraformats.detect(header_bytes(fixture)).metadata["trigger_words"] == "sks dog"
+
+
+def test_groups_follow_model_order_with_ranks_per_block():
+    layout = Layout("sdxl", "kohya", ranks="mixed")
+    result = loraformats.detect(header_bytes(build(layout)))
+    unet = [g.block for g in result.groups if g.component == "unet"]
+    assert unet.index("down_blocks.1") < unet.index("down_blocks.2") < unet.index("up_blocks.0")
+    first = next(g for g in result.groups if g.block == "down_blocks.1")
+    assert set(first.ranks) == {"2", "4", "8", "16"} and first.kinds["conv2d"] > 0
+
+
+def test_a_file_no_format_explains_is_unknown_with_every_candidate():
+    result = loraformats.detect(header_bytes({"metadata": {}, "tensors": {"model.weight": ["F32", [4, 4]]}}))
+    assert (result.format, result.family, result.confidence) == ("unknown", "unknown", 0.0)
+    assert {c.name for c in result.formats} == set(registry.formats())
+    assert all(c.against for c in result.formats)
+
+
+def test_a_mostly_kohya_file_names_what_it_cannot_place():
+    fixture = build(Layout("sd1", "kohya", selection="te"))
+    fixture["tensors"]["bundle_emb.mychar.string_to_param.*"] = ["F16", [2, 768]]
+    result = loraformats.detect(header_bytes(fixture))
+    assert result.format == "kohya" and result.confidence < 0.5
+    assert any("bundle_emb" in reason for reason in result.reasons)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def test_header_bytes_with_or_without_the_length_prefix_give_the_same_answer():
+    raw = header_bytes(build(Layout("sd2", "diffusers", selection="unet_attention")))
+    plain, prefixed = loraformats.detect(raw), loraformats.detect(len(raw).to_bytes(8, "little") + raw)
+    assert plain == prefixed and plain.family == "sd2"
+
+
+def test_alphas_need_the_file_not_just_its_header():
+    with pytest.raises(UsageError, match="read_alphas needs the file"):
+        loraformats.detect(header_bytes(build(Layout("sd1", "kohya", selection="te"))), read_alphas=True)
+
+
+def test_alphas_are_read_only_on_request(tmp_path):
+    path = write(build(Layout("sd1", "kohya", selection="te")), tmp_path / "lora.safetensors")
+    with unreadable_data():
+        assert loraformats.detect(path).alphas == {}
+    counted = loraformats.detect(path, read_alphas=True)
+    assert counted.alphas == {"4": 72}  # the data section is zeros: alpha 0 means alpha = rank
+    assert all(g.alphas == {"4": g.modules} for g in counted.groups)
+
+
+def test_a_peft_directory_is_detected_from_its_config_and_headers(tmp_path):
+    recorded = json.loads((Path(__file__).parent / "headers" / "tools" / "peft_unet_sd1.json").read_text())
+    root = write_files(recorded["files"], tmp_path / "adapter")
+    result = loraformats.detect(root)
+    assert (result.format, result.family, result.path) == ("peft", "tiny-sd1", str(root))
+    assert result.metadata["unet/adapter_config.json:r"] == "4"
+
+
+def test_a_directory_no_format_claims_is_unknown(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = loraformats.detect(tmp_path)
+    assert (result.format, result.family) == ("unknown", "unknown")
+    assert "no installed directory format claims this directory" in result.reasons
+
+
+# ------------------------------------------------------------------------------------------ no data read
+
+
+@pytest.mark.skipif(not unreadable.available(), reason="needs root and /dev/fuse")
+def test_detection_works_when_the_data_section_cannot_be_read_at_all(tmp_path):
+    """The file is served by a FUSE file system that fails every read inside the data section."""
+    path = write(build(Layout("sdxl", "kohya", metadata="sd-scripts")), tmp_path / "lora.safetensors")
+    (tmp_path / "mnt").mkdir()
+    code = (
+        "import loraformats\n"
+        "result = loraformats.detect(path)\n"
+        "assert (result.format, result.family) == ('kohya', 'sdxl'), result.reasons\n"
+        "assert not server.refused, server.refused\n"
+        "try:\n"
+        "    loraformats.detect(path, read_alphas=True)\n"
+        "except loraformats.OutputError as error:\n"
+        "    print('alphas:', error)\n"
+        "assert server.refused\n"
+        "print('detected without reading data')\n"
+    )
+    script = Path(unreadable.__file__)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), str(path), str(tmp_path / "mnt"), "--", code],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        unreadable.unmount(tmp_path / "mnt")
+    if done.returncode == unreadable.CANNOT_MOUNT:
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "detected without reading data" in done.stdout
+    assert "alphas: " in done.stdout and "Input/output error" in done.stdout
+
+
+def test_corpus_detection_never_reads_tensor_data():
+    with unreadable_data():
+        for layout in LAYOUTS[::25]:
+            assert loraformats.detect(header_bytes(build(layout))).format == layout.format
+
+
+# ------------------------------------------------------------------------------------------ schema
+
+
+def test_published_schemas_are_current():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_schemas.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [Layout("sdxl", "kohya", metadata="contradicting"), Layout("sd1", "kohya", selection="attn1"),
+     Layout("sd2", "diffusers", spelling="attn_procs")],
+    ids=["contradiction", "ambiguous", "legacy"],
+)  # fmt: skip
+def test_detect_json_validates_against_the_published_schema(layout, tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "specs" / "detection.schema.json").read_text())
+    path = write(build(layout), tmp_path / "lora.safetensors")
+    assert main(["detect", "--json", str(path)]) == 0
+    output = json.loads(capsys.readouterr().out)
+    jsonschema.validate(output, schema)
+    assert output["schema_version"] == 1 and output["family"] in ("sdxl", "ambiguous", "sd2")
+
+
+def test_schema_version_1_keeps_its_original_fields():
+    fields = set(json.loads((ROOT / "specs" / "detection.schema.json").read_text())["properties"])
+    original = {"schema_version", "path", "format", "family", "algorithms", "components", "alphas",
+                "metadata_keys", "tensors", "reasons", "formats", "families"}  # fmt: skip
+    assert original <= fields

@@ -23,8 +23,12 @@ def catalogue() -> str:
     from loraformats.plugins import registry
 
     formats, families, transforms = registry.formats(), registry.families(), registry.transforms()
-    lines = ["# Formats, families and transforms", "",
-             "Generated at build time from the installed plugins (`docs/_hooks/catalogue.py`).", ""]
+    lines = [
+        "# Formats, families and transforms",
+        "",
+        "Generated at build time from the installed plugins (`docs/_hooks/catalogue.py`).",
+        "",
+    ]
     lines += ["## Conversion graph", "", "```mermaid", "graph LR"]
     lines.append('  C(("canonical form"))')
     for name, fmt in formats.items():
@@ -35,28 +39,46 @@ def catalogue() -> str:
         lines.append(f'  C -- "{name} ({transform.exactness.value})" --> C')
     lines += ["```", "", "## Formats", ""]
     for name, fmt in formats.items():
-        lines += [f"### {name}", "", f"{fmt.label}. {fmt.description}", "",
-                  f"- container: {fmt.container}; {'read/write' if fmt.writable else 'read-only'}; plugin `{fmt.plugin}`",
-                  f"- holds: {', '.join(f'`{c}`' for c in sorted(fmt.capabilities)) or 'nothing'}",
-                  f"- owns metadata: {', '.join(f'`{k}`' for k in fmt.owned_metadata) or 'none'}", "",
-                  "Options (`--set KEY=VALUE`):", ""]
+        lines += [
+            f"### {name}",
+            "",
+            f"{fmt.label}. {fmt.description}",
+            "",
+            f"- container: {fmt.container}; {'read/write' if fmt.writable else 'read-only'}",
+            f"- plugin: `{fmt.plugin}`",
+            f"- holds: {', '.join(f'`{c}`' for c in sorted(fmt.capabilities)) or 'nothing'}",
+            f"- owns metadata: {', '.join(f'`{k}`' for k in fmt.owned_metadata) or 'none'}",
+            "",
+            "Options (`--set KEY=VALUE`):",
+            "",
+        ]
         lines += [f"- {row}" for row in _schema_rows(fmt.options_schema)]
         lines += ["", "Metadata / config schema:", ""]
         lines += [f"- {row}" for row in _schema_rows(fmt.metadata_schema)]
         lines.append("")
     lines += ["## Families", ""]
     for name, family in families.items():
-        lines += [f"### {name}", "", f"{family.label} (plugin `{family.plugin}`).", "",
-                  "| component | role | slot | modules | linear | conv2d | norm | namings |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {name}",
+            "",
+            f"{family.label} (plugin `{family.plugin}`).",
+            "",
+            "| component | role | slot | modules | linear | conv2d | norm | namings |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for component in family.components.values():
             kinds = [layer.kind for layer in component.modules.values()]
             namings = ", ".join(component.naming_names())
-            lines.append(f"| `{component.name}` | {component.role} | {component.slot or ''} | {len(kinds)} | "
-                         f"{kinds.count('linear')} | {kinds.count('conv2d')} | {kinds.count('norm')} | {namings} |")
+            lines.append(
+                f"| `{component.name}` | {component.role} | {component.slot or ''} | {len(kinds)} | "
+                f"{kinds.count('linear')} | {kinds.count('conv2d')} | {kinds.count('norm')} | {namings} |"
+            )
         lines.append("")
     lines += ["## Transforms", "", "| transform | removes | exactness | what it does |", "|---|---|---|---|"]
     for name, transform in transforms.items():
-        lines.append(f"| `{name}` | `{transform.removes}` | {transform.exactness.value} | {transform.description} |")
+        lines.append(
+            f"| `{name}` | `{transform.removes}` | {transform.exactness.value} | {transform.description} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -13,12 +13,13 @@ Alpha policy (diffusers' SD loader rejects `.alpha` tensors and reads the scale 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
@@ -27,6 +28,7 @@ from loraformats.exponent import scale_tensor_f32, shift_tensor
 from loraformats.families import CANONICAL, Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
+from loraformats.jsontext import parse_json
 from loraformats.report import Step
 from loraformats.tensors import MemoryTensor, TensorData
 from loraformats_peft.config import LoraConfigFields, build_config, checked, module_settings
@@ -60,6 +62,12 @@ LEGACY_NAMES = {  # attention-processor spellings: UNet attention, then CLIP sel
     "v": ("to_v", "v_proj"),
     "out": ("to_out.0", "out_proj"),
 }
+
+
+@functools.cache
+def _hint(component: str | None) -> ComponentHint:
+    """One hint object per component name: detection parses every module of every file."""
+    return ComponentHint(name=component)
 
 
 class DiffusersOptions(BaseModel):
@@ -142,8 +150,8 @@ class DiffusersFormat(Format):
         if raw is None:
             return {}
         try:
-            flat = json.loads(raw)
-        except json.JSONDecodeError:
+            flat = parse_json(raw)
+        except ValueError:
             flat = None
         if not isinstance(flat, dict):
             return {METADATA_KEY: "not a JSON object"}
@@ -172,7 +180,7 @@ class DiffusersFormat(Format):
             module = grouped.get(base)
             if module is None:  # once per module, not per tensor: detection parses every key
                 found = COMPONENT.match(base)
-                hint = ComponentHint(name=found[1]) if found else ComponentHint()
+                hint = _hint(found[1] if found else None)
                 path = found[2] if found else base
                 if legacy:
                     parent = path[: -len(f".to_{legacy['proj']}")]
@@ -195,13 +203,13 @@ class DiffusersFormat(Format):
         configs: dict[str, LoraConfigFields] = {}
         if METADATA_KEY in header.metadata:
             try:
-                flat = json.loads(header.metadata[METADATA_KEY])
+                flat = parse_json(header.metadata[METADATA_KEY])
                 grouped: dict[str, dict] = {}
                 for key, value in flat.items():
                     component, _, field = key.partition(".")
                     grouped.setdefault(component if field else "", {})[field or component] = value
                 configs = {c: LoraConfigFields.model_validate(v) for c, v in grouped.items()}
-            except (json.JSONDecodeError, AttributeError, ValidationError) as error:
+            except (ValueError, AttributeError) as error:  # bad JSON, a non-object, or a ValidationError
                 message = f"{METADATA_KEY} is not a valid LoraConfig: {str(error).splitlines()[0]}"
                 raise InvalidFileError(message, path=header.path) from None
         for component, config in configs.items():

@@ -18,6 +18,7 @@ from loraformats.header import Header
 from loraformats.report import Step
 from loraformats.tensors import ComputedTensor, TensorData
 
+from .describe import BASE_MODEL_KEYS, describe
 from .hashes import sshs_hashes
 
 KEY = re.compile(r"^(?P<prefix>lora_unet|lora_te(?P<slot>\d?))_(?P<name>[^.]+)\.(?P<suffix>.+)$")
@@ -97,12 +98,13 @@ class KohyaFormat(Format):
     metadata_schema = KohyaMetadata
     options_schema = KohyaOptions
     owned_metadata: ClassVar[tuple[str, ...]] = ("sshs_model_hash", "sshs_legacy_hash")
+    base_model_keys: ClassVar[tuple[str, ...]] = BASE_MODEL_KEYS
 
     def sniff(self, header: Header) -> Evidence:
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
-        ours = sum(1 for name in names if KEY.match(name))
+        ours = len(list(filter(KEY.match, names)))  # one C loop: detection sniffs every name
         evidence = Evidence(ours / len(names))
         if ours:
             evidence.reasons.append(f"{ours} of {len(names)} tensor names use lora_unet_/lora_te*_ prefixes")
@@ -115,28 +117,31 @@ class KohyaFormat(Format):
             )
         return evidence
 
+    def describe(self, header: Header) -> dict[str, str]:
+        return describe(header.metadata)
+
     def parse(self, header: Header) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}
         unsupported: dict[str, str] = {}
         for tensor in header.tensors:
-            match = KEY.match(tensor)
-            if match is None:
-                unsupported[tensor] = next(
-                    (why for prefix, why in OTHER_KEYS.items() if tensor.startswith(prefix)),
-                    "not a Kohya LoRA key",
-                )
-                continue
-            suffix = match["suffix"]
-            role = ROLES.get(suffix)
-            if role is None:
-                unsupported[tensor] = next(
-                    (why for start, why in NOT_YET.items() if suffix.startswith(start)),
-                    f"unknown suffix {suffix!r}",
-                )
-                continue
-            stem = tensor[: -len(suffix) - 1]
-            module = grouped.get(stem)
-            if module is None:  # once per module, not per tensor: detection parses every key
+            # Detection parses every key of every file: a module's first key is checked against the
+            # grammar (KEY), its other keys only split (a stem has no dots, so partition is exact).
+            stem, _, suffix = tensor.partition(".")
+            module, role = grouped.get(stem), ROLES.get(suffix)
+            if module is None or role is None:
+                match = KEY.match(tensor)
+                if match is None:
+                    unsupported[tensor] = next(
+                        (why for prefix, why in OTHER_KEYS.items() if tensor.startswith(prefix)),
+                        "not a Kohya LoRA key",
+                    )
+                    continue
+                if role is None:
+                    unsupported[tensor] = next(
+                        (why for start, why in NOT_YET.items() if suffix.startswith(start)),
+                        f"unknown suffix {suffix!r}",
+                    )
+                    continue
                 module = grouped[stem] = ParsedModule(
                     stem, _hint(match["prefix"], match["slot"]), (match["name"],), flat=True, tensors={}
                 )

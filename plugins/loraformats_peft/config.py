@@ -7,11 +7,13 @@ key K (in dict order) for which P matches `(.*\\.)?(K)$`; modules matching no ke
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+import regex
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraformats.errors import InvalidFileError, UnsupportedError
@@ -70,12 +72,34 @@ class LoraConfigFields(BaseModel):
         return None
 
 
+#: Seconds one pattern may spend matching one module name before it counts as hostile.
+MATCH_TIMEOUT = 0.05
+
+
+@functools.lru_cache(maxsize=4096)
+def _pattern(key: str) -> regex.Pattern:
+    try:
+        return regex.compile(rf"(.*\.)?({key})$")
+    except (regex.error, RecursionError, OverflowError) as error:
+        raise InvalidFileError(f"pattern {key!r} is not a valid regular expression ({error})") from None
+
+
 def pattern_value(patterns: dict, names: Iterable[str]) -> Any:
-    """The value of the first pattern matching any spelling of the module, PEFT-style; else None."""
+    """The value of the first pattern matching any spelling of the module, PEFT-style; else None.
+
+    Patterns come from the file: matching runs with a timeout, so a catastrophically backtracking
+    pattern is refused instead of hanging the conversion.
+    """
     for key, value in patterns.items():
+        compiled = _pattern(str(key))
         for name in names:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
+            try:
+                if compiled.match(name, timeout=MATCH_TIMEOUT):
+                    return value
+            except TimeoutError:
+                raise InvalidFileError(
+                    f"pattern {key!r} takes too long to match (catastrophic backtracking)"
+                ) from None
     return None
 
 

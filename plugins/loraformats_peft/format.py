@@ -22,6 +22,7 @@ from loraformats.errors import InvalidFileError, UnsupportedError
 from loraformats.families import Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
+from loraformats.jsontext import parse_json
 from loraformats.report import Step
 from loraformats.tensors import MemoryTensor, TensorData
 
@@ -39,6 +40,7 @@ from .keys import (
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
+MAX_CONFIG_BYTES = 16 << 20
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 #: LoraConfig fields written besides the maths, with PEFT's defaults, so the config is complete.
@@ -92,6 +94,33 @@ class PeftFormat(Format):
         if ours < len(names):
             evidence.against.append(f"{len(names) - ours} names are not")
         return evidence
+
+    def describe(self, header: Header) -> dict[str, str]:
+        """The adapter_config.json beside the weights (rank, alpha, flags, base model), keyed by its
+        path, e.g. `unet/adapter_config.json:r`. Never raises: a refused config is refused on read."""
+        weights = header.origin or header.path
+        if weights.name not in WEIGHTS or not weights.is_file():
+            return {}  # only PEFT's own weights file has its config beside it
+        where = f"{weights.parent.name}/{CONFIG}"
+        try:
+            config = self._config(header)
+        except (InvalidFileError, UnsupportedError) as error:
+            return {where: error.message}
+        except (ValueError, RecursionError):  # absurd numbers or nesting: refused when read
+            return {where: "not a readable LoraConfig"}
+        if config is None:
+            return {}
+        summary = {f"{where}:r": str(config.r), f"{where}:lora_alpha": f"{config.lora_alpha:g}"}
+        for flag in ("use_rslora", "use_dora"):
+            if getattr(config, flag):
+                summary[f"{where}:{flag}"] = "true"
+        for patterns in ("rank_pattern", "alpha_pattern"):
+            if getattr(config, patterns):
+                summary[f"{where}:{patterns}"] = f"{len(getattr(config, patterns))} patterns"
+        base = getattr(config, "base_model_name_or_path", None)
+        if isinstance(base, str) and base:
+            summary[f"{where}:base_model_name_or_path"] = base
+        return summary
 
     def parse(self, header: Header, component: str | None = None) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}
@@ -244,11 +273,14 @@ def runtime_name(component: Component, path: str) -> str:
 def _config_cached(path: str, mtime: float) -> LoraConfigFields | None:
     file = Path(path)
     try:
-        raw = json.loads(file.read_text())
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise InvalidFileError(f"config larger than {MAX_CONFIG_BYTES} bytes", path=file)
+        raw = parse_json(file.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidFileError(f"not a readable JSON config: {error}", path=file) from None
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON, a bomb
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InvalidFileError(f"not a readable JSON config: {first}", path=file) from None
     if not isinstance(raw, dict):
         raise InvalidFileError("config is not a JSON object", path=file)
     try:

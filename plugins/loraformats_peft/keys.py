@@ -14,6 +14,7 @@ from loraformats.errors import UnsupportedError
 from loraformats.families import Layer
 from loraformats.formats import ReadContext
 from loraformats.header import Header
+from loraformats.jsontext import parse_json
 from loraformats.report import Step
 from loraformats.tensors import MemoryTensor, TensorData
 
@@ -119,11 +120,24 @@ def encode_notes(notes: dict[ModuleKey, dict]) -> str:
     )
 
 
+def _valid_fold(folded: object) -> bool:
+    """A fold note we could have written: a factor, a sane exponent, a float dtype."""
+    from loraformats.exponent import FLOATS
+
+    return (
+        isinstance(folded, dict)
+        and folded.get("factor") in ("up", "down")
+        and type(folded.get("log2")) is int
+        and abs(folded["log2"]) <= 64
+        and folded.get("dtype", "F32") in FLOATS
+    )
+
+
 def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -> None:
     """Undo what a loraformats write did to alphas (recorded under `loraformats.alphas`)."""
     try:
-        notes = json.loads(header.metadata.get(ALPHAS_KEY, "{}"))
-    except json.JSONDecodeError:
+        notes = parse_json(header.metadata.get(ALPHAS_KEY, "{}"))
+    except ValueError:
         notes = None
     if not isinstance(notes, dict):
         context.warnings.append(f"ignored an unreadable {ALPHAS_KEY} entry")
@@ -134,12 +148,14 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
         module = adapters.modules.get((component, path))
         lora = module.inner if isinstance(module, DoRA) else module
         try:
+            if not isinstance(note, dict):
+                raise ValueError(address)
             if note.get("absent") is True and isinstance(lora, LoRA):
                 lora.alpha, lora.rank_scaling = None, note.get("rank_scaling", "rank")
                 continue
             alpha = MemoryTensor(bytes.fromhex(note["hex"]), note["dtype"], tuple(note["shape"]))
             folded = note.get("folded")
-            if not isinstance(lora, LoRA) or (folded and folded["factor"] not in ("up", "down")):
+            if not isinstance(lora, LoRA) or (folded and not _valid_fold(folded)):
                 raise ValueError(address)
             if folded:
                 from loraformats.exponent import shift_tensor
