@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="a readable report of a LoRA file, from its header alone")
     inspect.add_argument("input")
     inspect.add_argument("--json", action="store_true", help="print the versioned JSON result")
+    inspect.add_argument("--alphas", action="store_true", help="also read the (scalar) alpha tensors")
     inspect.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
 
     formats = commands.add_parser("formats", help="list installed formats, families and plugins")
@@ -135,6 +136,9 @@ def _detect(args: argparse.Namespace) -> int:
         print(result.model_dump_json(indent=2))
         return 0
     print(f"{result.path}\n  format: {result.format}\n  family: {result.family}")
+    if result.variant:
+        print(f"  naming: {result.variant}")
+    print(f"  confidence: {result.confidence:.2f}")
     if result.algorithms:
         print(f"  algorithms: {', '.join(result.algorithms)}")
     for component in result.components:
@@ -150,7 +154,7 @@ def _detect(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect, render
 
-    report = inspect(args.input, allow_pickle=args.allow_pickle)
+    report = inspect(args.input, allow_pickle=args.allow_pickle, read_alphas=args.alphas)
     print(report.model_dump_json(indent=2) if args.json else render(report))
     return 0
 

@@ -131,7 +131,7 @@ def open_regular(path: Path) -> BinaryIO:
         if stat.S_ISDIR(mode):
             raise InvalidFileError("is a directory, not a safetensors file", path=path)
         raise InvalidFileError(NOT_REGULAR, path=path)
-    return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "rb", buffering=0)  # unbuffered: read the header and not a byte of tensor data
 
 
 def _open_error(error: OSError, path: Path) -> InvalidFileError | OutputError:
