@@ -35,6 +35,22 @@ REFUSED_FIELDS = {
 }
 
 
+#: PEFT tuners whose maths no other format shares, with the reason they are refused.
+OTHER_TUNERS = {
+    "OFT": (
+        "PEFT OFT is refused: it rotates the input side with a ½·(X − Xᵀ) skew matrix and (by default) a "
+        "truncated Neumann series for the Cayley transform, where LyCORIS's Diag-OFT rotates output rows "
+        "with an exact Cayley transform and a norm constraint; the maths disagree"
+    ),
+    "BOFT": (
+        "PEFT BOFT is refused: its butterfly rotates the input side with ½·(X − Xᵀ) blocks and scales "
+        "outputs by boft_s, where LyCORIS's BOFT rotates output rows with a norm constraint; the maths "
+        "disagree"
+    ),
+    "IA3": "PEFT (IA)3 adapters are not supported yet (ia3_l multiplies W; LyCORIS's multiplies by 1 + v)",
+}
+
+
 class LoraConfigFields(BaseModel):
     """The `LoraConfig` fields that change the maths (others are kept but do not matter here)."""
 
@@ -54,6 +70,8 @@ class LoraConfigFields(BaseModel):
 
     def refusal(self) -> str | None:
         """Why this config cannot be converted as a plain set of deltas, or None."""
+        if self.peft_type in OTHER_TUNERS:
+            return OTHER_TUNERS[self.peft_type]
         if self.peft_type not in (None, "LORA"):
             return f"PEFT {self.peft_type} adapters are not supported yet"
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower().startswith(
@@ -70,6 +88,45 @@ class LoraConfigFields(BaseModel):
             if getattr(self, flag):
                 return f"{what} is not supported yet"
         return None
+
+
+class LycorisConfigFields(BaseModel):
+    """The `LoHaConfig` / `LoKrConfig` fields (PEFT's `LycorisConfig`) that change the maths.
+
+    Scale = alpha / r per module (patterns as in LoraConfig); no rsLoRA, no DoRA. PEFT rebuilds every
+    module's factor shapes from these fields, so a writer must choose them to reproduce the tensors.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    peft_type: str = Field(description="LOHA or LOKR")
+    r: int = Field(8, description="default rank")
+    alpha: float = Field(8, description="default alpha; scale = alpha / r")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="regex -> rank")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="regex -> alpha")
+    target_modules: list[str] | str | None = None
+    use_effective_conv2d: bool = Field(False, description="Tucker cores on k x k convolutions")
+    decompose_both: bool = Field(False, description="LoKr: lokr_w1 low-rank too (when r is small enough)")
+    decompose_factor: int = Field(-1, description="LoKr: the factor of PEFT's factorization()")
+
+    def refusal(self) -> str | None:
+        for name, why in REFUSED_FIELDS.items():
+            if getattr(self, name, None):
+                return why
+        return None
+
+
+def lycoris_settings(
+    config: LycorisConfigFields, names: list[str], rank: int | None, where: str
+) -> tuple[int, float]:
+    """(rank, alpha) of one LoHa/LoKr module under `config`; the rank must agree with the tensors
+    when they decide it (`rank` None: a LoKr whose factors are both full, whose rank is the config's)."""
+    stated = pattern_value(config.rank_pattern, names)
+    stated = config.r if stated is None else stated
+    if rank is not None and stated != rank:
+        raise InvalidFileError(f"{where}: the config gives rank {stated}, the tensors {rank}")
+    alpha = pattern_value(config.alpha_pattern, names)
+    return stated, config.alpha if alpha is None else alpha
 
 
 #: Seconds one pattern may spend matching one module name before it counts as hostile.
@@ -116,7 +173,9 @@ def module_settings(config: LoraConfigFields, names: list[str], rank: int, where
     }
 
 
-def checked(config: LoraConfigFields, where: str) -> LoraConfigFields:
+def checked(
+    config: LoraConfigFields | LycorisConfigFields, where: str
+) -> LoraConfigFields | LycorisConfigFields:
     problem = config.refusal()
     if problem:
         raise UnsupportedError(problem, path=where)

@@ -26,7 +26,14 @@ from loraformats.jsontext import parse_json
 from loraformats.report import Step
 from loraformats.tensors import MemoryTensor, TensorData
 
-from .config import LoraConfigFields, build_config, checked, module_settings
+from .config import (
+    LoraConfigFields,
+    LycorisConfigFields,
+    build_config,
+    checked,
+    lycoris_settings,
+    module_settings,
+)
 from .keys import (
     ALPHAS_KEY,
     alpha_notes,
@@ -36,7 +43,9 @@ from .keys import (
     parts,
     restore_alphas,
     split_key,
+    split_lycoris_key,
 )
+from .lycoris import encode_component
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -66,7 +75,9 @@ class PeftFormat(Format):
         "one sub-directory per component (unet/, text_encoder/, ...); scale in the config."
     )
     container = "directory"
-    capabilities = frozenset({"lora", "dora", "dora.output"})
+    capabilities = frozenset(
+        {"lora", "dora", "dora.output", "loha", "loha.tucker", "lokr", "lokr.tucker", "lokr.scaled_full"}
+    )
     metadata_schema = LoraConfigFields
 
     # ---------------------------------------------------------------- finding the parts
@@ -110,9 +121,12 @@ class PeftFormat(Format):
             return {where: "not a readable LoraConfig"}
         if config is None:
             return {}
-        summary = {f"{where}:r": str(config.r), f"{where}:lora_alpha": f"{config.lora_alpha:g}"}
+        alpha_field = "alpha" if isinstance(config, LycorisConfigFields) else "lora_alpha"
+        summary = {f"{where}:r": str(config.r), f"{where}:{alpha_field}": f"{getattr(config, alpha_field):g}"}
+        if isinstance(config, LycorisConfigFields):
+            summary[f"{where}:peft_type"] = config.peft_type
         for flag in ("use_rslora", "use_dora"):
-            if getattr(config, flag):
+            if getattr(config, flag, False):
                 summary[f"{where}:{flag}"] = "true"
         for patterns in ("rank_pattern", "alpha_pattern"):
             if getattr(config, patterns):
@@ -127,7 +141,7 @@ class PeftFormat(Format):
         unsupported: dict[str, str] = {}
         hint = ComponentHint(name=component)
         for tensor in header.tensors:
-            split = split_key(tensor) if tensor.startswith(PREFIX) else None
+            split = (split_key(tensor) or split_lycoris_key(tensor)) if tensor.startswith(PREFIX) else None
             if split is None or split[1] == "alpha":
                 unsupported[tensor] = not_yet(tensor, "not a PEFT LoRA key")
                 continue
@@ -139,17 +153,23 @@ class PeftFormat(Format):
             module.tensors[role] = tensor
             if role == "magnitude":
                 module.algorithm = "dora"
+            elif role.startswith(("hada_", "lokr_")):
+                module.algorithm = "loha" if role.startswith("hada_") else "lokr"
         return ParsedFile(list(grouped.values()), unsupported)
 
     def parts(self, path: Path, context: ReadContext) -> list[tuple[Header, ParsedFile]]:
         from loraformats.conversion import open_header
 
+        known = {name for family in context.families.values() for name in family.components}
         found = []
         for component, directory in self._adapters(path):
             weights = next((directory / w for w in WEIGHTS if (directory / w).is_file()), None)
             if weights is None:
                 raise InvalidFileError(f"no {' or '.join(WEIGHTS)} beside the config", path=directory)
             header = open_header(weights, allow_pickle=context.allow_pickle)
+            self._config(header)  # a config's refusal (e.g. modules_to_save) names its real reason first
+            if component is None and directory.name in known:  # a lone `text_encoder_2/` says which
+                component = directory.name
             found.append((header, self.parse(header, component)))
         if not found:
             raise InvalidFileError(f"no PEFT adapter ({CONFIG}) found", path=path)
@@ -171,7 +191,7 @@ class PeftFormat(Format):
 
     # ---------------------------------------------------------------- config
 
-    def _config(self, header: Header) -> LoraConfigFields | None:
+    def _config(self, header: Header) -> LoraConfigFields | LycorisConfigFields | None:
         return _load_config((header.origin or header.path).parent / CONFIG)
 
     def module_extras(
@@ -180,11 +200,14 @@ class PeftFormat(Format):
         config = self._config(header)
         if config is None:
             return {}  # a bare state dict: no alpha known, so alpha = rank (reported by finish_read)
+        lycoris = next((role[:4] for role in roles if role.startswith(("hada_", "lokr_"))), None)
+        if isinstance(config, LycorisConfigFields) or lycoris:
+            return _lycoris_extras(config, component, path, roles, header, lycoris)
         if config.use_dora and "magnitude" not in roles:
             raise UnsupportedError(f"{path}: use_dora without lora_magnitude_vector", path=header.path)
-        spellings = [path] + [component.name_in(path, n) for n in component.namings if n == "module"]
-        spellings += [path[len(a) :] for a in component.path_aliases if path.startswith(a)]
-        settings = module_settings(config, spellings, roles["down"].shape[0], f"{header.path}: {path}")
+        settings = module_settings(
+            config, [spelled(header, component, path)], roles["down"].shape[0], f"{header.path}: {path}"
+        )
         extras = {
             "alpha": MemoryTensor(_f32(settings["alpha"]), "F32", ()),
             "rank_scaling": settings["rank_scaling"],
@@ -207,6 +230,18 @@ class PeftFormat(Format):
         for name in adapters.components_used():
             component = adapters.component(name)
             keys = [key for key in adapters.modules if key[0] == name]
+            if any(adapters.modules[key].algorithm in ("loha", "lokr") for key in keys):
+                config, by_module, notes = encode_component(adapters, component, keys, runtime_name)
+                tensors = [
+                    (f"{PREFIX}{runtime_name(component, key[1])}.{role}", tensor)
+                    for key, pairs in by_module.items()
+                    for role, tensor in pairs
+                ]
+                metadata = {**adapters.metadata, ALPHAS_KEY: encode_notes(notes)}
+                files[f"{name}/{WEIGHTS[0]}"] = (tensors, metadata)
+                text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+                documents[f"{name}/{CONFIG}"] = text.encode()
+                continue
             loras = {key: parts(adapters.modules[key], f"{key[0]}:{key[1]}")[0] for key in keys}
             doras = {isinstance(adapters.modules[key], DoRA) for key in keys}
             if len(doras) > 1:
@@ -230,7 +265,7 @@ class PeftFormat(Format):
                     stem, adapters.modules[key], adapters.layer(key), lora.down, lora.up
                 )
             metadata = dict(adapters.metadata)
-            notes = alpha_notes(loras)
+            notes = alpha_notes(loras, config_gives_alpha=True)
             if notes:
                 metadata[ALPHAS_KEY] = encode_notes(notes)
             files[f"{name}/{WEIGHTS[0]}"] = (tensors, metadata)
@@ -264,6 +299,39 @@ class PeftFormat(Format):
         return Encoded([], {}, steps, files=files, documents=documents)
 
 
+def _lycoris_extras(
+    config: LoraConfigFields | LycorisConfigFields,
+    component: Component,
+    path: str,
+    roles: dict[str, TensorData],
+    header: Header,
+    kind: str | None,
+) -> dict[str, Any]:
+    """alpha (and LoKr's scale rule) of a LoHa/LoKr module from a LoHaConfig/LoKrConfig."""
+    expected = {"hada": "LOHA", "lokr": "LOKR"}.get(kind or "")
+    stated = getattr(config, "peft_type", None)
+    if not isinstance(config, LycorisConfigFields) or stated != expected:
+        found = {"hada": "LoHa", "lokr": "LoKr"}.get(kind or "", "LoRA")
+        message = f"{path}: adapter_config.json says {stated}, the tensors are {found}"
+        raise InvalidFileError(message, path=header.path)
+    names = [path] + [component.name_in(path, n) for n in component.namings if n == "module"]
+    names += [path[len(a) :] for a in component.path_aliases if path.startswith(a)]
+    where = f"{header.path}: {path}"
+    if kind == "hada":
+        _, alpha = lycoris_settings(config, names, roles["hada_w1_b"].shape[0], where)
+        return {"alpha": MemoryTensor(_f32(alpha), "F32", ())}
+    decomposed = roles.get("lokr_w2_b") or roles.get("lokr_w1_b")
+    rank, alpha = lycoris_settings(config, names, decomposed.shape[0] if decomposed else None, where)
+    return {"alpha": MemoryTensor(_f32(alpha), "F32", ()), "convention": "peft", "peft_rank": rank}
+
+
+def spelled(header: Header, component: Component, path: str) -> str:
+    """The module name as this file spells it: PEFT matches its patterns against that name only."""
+    candidates = [path, *(component.name_in(path, n) for n in component.namings if n == "module")]
+    candidates += [path[len(a) :] for a in component.path_aliases if path.startswith(a)]
+    return next((name for name in candidates if f"{PREFIX}{name}.lora_A.weight" in header.tensors), path)
+
+
 def runtime_name(component: Component, path: str) -> str:
     """The module name PEFT sees at run time (e.g. no `text_model.` in transformers >= 5 CLIPTextModel)."""
     return component.name_in(path, "module") if "module" in component.namings else path
@@ -283,8 +351,9 @@ def _config_cached(path: str, mtime: float) -> LoraConfigFields | None:
         raise InvalidFileError(f"not a readable JSON config: {first}", path=file) from None
     if not isinstance(raw, dict):
         raise InvalidFileError("config is not a JSON object", path=file)
+    model = LycorisConfigFields if raw.get("peft_type") in ("LOHA", "LOKR") else LoraConfigFields
     try:
-        config = LoraConfigFields.model_validate(raw)
+        config = model.model_validate(raw)
     except ValidationError as error:
         raise InvalidFileError(f"invalid LoraConfig: {str(error).splitlines()[0]}", path=file) from None
     return checked(config, str(file))

@@ -8,7 +8,7 @@ import math
 import re
 from typing import Any
 
-from loraformats.adapters import Adapter, DoRA, Exactness, LoRA
+from loraformats.adapters import Adapter, DoRA, Exactness, LoHa, LoKr, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.errors import UnsupportedError
 from loraformats.families import Layer
@@ -38,6 +38,22 @@ NOT_YET = {
     "boft_": "BOFT modules are not supported yet",
     "ia3_l": "(IA)3 modules are not supported yet",
 }
+
+
+#: PEFT's LoHa and LoKr parameter names (saved without `.weight`; the same as LyCORIS's suffixes).
+LYCORIS_ROLES = (
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+)  # fmt: skip
+LYCORIS_ENDINGS = tuple(f".{role}" for role in LYCORIS_ROLES)
+
+
+def split_lycoris_key(key: str) -> tuple[str, str] | None:
+    """(module stem, role) of a PEFT LoHa/LoKr tensor name, or None."""
+    if key.endswith(LYCORIS_ENDINGS):
+        stem, _, role = key.rpartition(".")
+        return stem, role
+    return None
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -90,14 +106,14 @@ def module_tensors(stem: str, module: Adapter, layer: Layer, down: TensorData, u
     return tensors
 
 
-def alpha_notes(loras: dict[ModuleKey, LoRA]) -> dict[ModuleKey, dict[str, Any]]:
+def alpha_notes(loras: dict[ModuleKey, LoRA], *, config_gives_alpha: bool = False) -> dict[ModuleKey, dict]:
     """The original alpha tensors (dtype, shape, bytes), for a round trip to restore bit for bit.
 
-    A module without an alpha tensor is noted as absent when others have one: the config written
-    for them would otherwise give it an alpha on the way back.
+    A module without an alpha tensor is noted as absent when a config will give it one on the way
+    back (always for PEFT; for diffusers when other modules' alphas need a config).
     """
     notes = {key: alpha_note(lora) for key, lora in loras.items()}
-    if all(note.get("absent") for note in notes.values()):
+    if not config_gives_alpha and all(note.get("absent") for note in notes.values()):
         return {}
     return notes
 
@@ -133,6 +149,29 @@ def _valid_fold(folded: object) -> bool:
     )
 
 
+def restore_lycoris_alpha(module: LoHa | LoKr, note: dict) -> bool:
+    """Put back the source's alpha tensor (or its absence) and, for LoKr, the scale rule it was read
+    under; False (nothing changed) when that would change the scale the config gives (edited since)."""
+    from dataclasses import replace
+
+    convention = note.get("convention", "peft")
+    if convention not in ("lycoris", "peft"):
+        raise ValueError(convention)
+    alpha = None
+    if note.get("absent") is not True:
+        alpha = MemoryTensor(bytes.fromhex(note["hex"]), note["dtype"], tuple(note["shape"]))
+    lokr = {}
+    if isinstance(module, LoKr):
+        lokr = {"convention": convention, "peft_rank": None if convention == "lycoris" else module.peft_rank}
+    restored = replace(module, alpha=alpha, **lokr)
+    if not math.isclose(restored.scale, module.scale, rel_tol=1e-6):
+        return False
+    module.alpha = alpha
+    if isinstance(module, LoKr):
+        module.convention, module.peft_rank = restored.convention, restored.peft_rank
+    return True
+
+
 def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -> None:
     """Undo what a loraformats write did to alphas (recorded under `loraformats.alphas`)."""
     try:
@@ -142,7 +181,7 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
     if not isinstance(notes, dict):
         context.warnings.append(f"ignored an unreadable {ALPHAS_KEY} entry")
         return
-    unfolded = 0
+    unfolded = stale = 0
     for address, note in notes.items():
         component, _, path = address.partition(":")
         module = adapters.modules.get((component, path))
@@ -150,13 +189,27 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
         try:
             if not isinstance(note, dict):
                 raise ValueError(address)
-            if note.get("absent") is True and isinstance(lora, LoRA):
-                lora.alpha, lora.rank_scaling = None, note.get("rank_scaling", "rank")
+            if isinstance(lora, (LoHa, LoKr)):  # noted by the PEFT LoHa/LoKr writer (lycoris.py)
+                stale += not restore_lycoris_alpha(lora, note)
                 continue
-            alpha = MemoryTensor(bytes.fromhex(note["hex"]), note["dtype"], tuple(note["shape"]))
-            folded = note.get("folded")
-            if not isinstance(lora, LoRA) or (folded and not _valid_fold(folded)):
+            if not isinstance(lora, LoRA):
                 raise ValueError(address)
+            scaling = note.get("rank_scaling", "rank")
+            if note.get("absent") is True:
+                alpha = None
+            else:
+                alpha = MemoryTensor(bytes.fromhex(note["hex"]), note["dtype"], tuple(note["shape"]))
+            folded = note.get("folded")
+            if folded and not _valid_fold(folded):
+                raise ValueError(address)
+            noted = LoRA(lora.down, lora.up, None, alpha, scaling).scale
+            stated = lora.scale * (2.0 ** folded["log2"] if folded else 1.0)
+            if not math.isclose(noted, stated, rel_tol=1e-6):  # float32 re-expression is not an edit
+                stale += 1  # the file was edited after we wrote it (e.g. its config): the file wins
+                continue
+            if alpha is None:
+                lora.alpha, lora.rank_scaling = None, scaling
+                continue
             if folded:
                 from loraformats.exponent import shift_tensor
 
@@ -164,9 +217,14 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
                 restored = shift_tensor(factor, -int(folded["log2"]), folded.get("dtype", factor.dtype))
                 setattr(lora, folded["factor"], restored)
                 unfolded += 1
-            lora.alpha, lora.rank_scaling = alpha, note.get("rank_scaling", "rank")
+            lora.alpha, lora.rank_scaling = alpha, scaling
         except (KeyError, ValueError, TypeError):
             context.warnings.append(f"ignored a {ALPHAS_KEY} note that does not fit this file: {address}")
+    if stale:
+        context.warnings.append(
+            f"{stale} {ALPHAS_KEY} notes disagree with the file's own scales (edited since?): "
+            "the file's scales were used"
+        )
     if unfolded:
         detail = "power-of-two alpha folds undone and original alphas restored from loraformats.alphas"
         step = Step(
