@@ -149,10 +149,17 @@ def _open_error(error: OSError, path: Path) -> InvalidFileError | OutputError:
 
 
 def _read(f: BinaryIO, n: int, path: Path) -> bytes:
+    """Up to `n` bytes, fewer only at the end of the file (an unbuffered read may return less)."""
+    data = bytearray()
     try:
-        return f.read(n)
+        while len(data) < n:
+            chunk = f.read(n - len(data))
+            if not chunk:
+                break
+            data += chunk
     except OSError as error:
         raise OutputError(f"cannot read: {error.strerror or error}", path=path) from None
+    return bytes(data)
 
 
 def parse_header(raw: bytes, *, path: str | os.PathLike = "<header>", data_size: int | None = None) -> Header:
