@@ -51,10 +51,29 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a target-format option, e.g. naming=ldm or fold_alpha=true (repeatable)",
     )
+    convert.add_argument(
+        "--rank",
+        type=int,
+        metavar="N",
+        help="lossy: compress every module to a LoRA of rank <= N (truncated SVD; error reported)",
+    )
+    convert.add_argument(
+        "--max-error",
+        type=float,
+        metavar="E",
+        help="lossy: compress every module to the least rank with relative error <= E (e.g. 0.01)",
+    )
     convert.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     convert.add_argument("--force", action="store_true", help="replace an existing output (never the input)")
     convert.add_argument("--report", choices=["text", "json"], default="text", help="report format on stdout")
     convert.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    convert.add_argument("--strict", action="store_true", help="refuse NaN/Inf weights instead of warning")
+    convert.add_argument(
+        "--no-value-check",
+        dest="check_values",
+        action="store_false",
+        help="skip the NaN/Inf scan (it reads every tensor once)",
+    )
 
     detect = commands.add_parser("detect", help="identify a LoRA file from its header alone")
     detect.add_argument("input")
@@ -107,6 +126,10 @@ def _convert(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         force=args.force,
         allow_pickle=args.allow_pickle,
+        rank=args.rank,
+        max_error=args.max_error,
+        strict=args.strict,
+        check_values=args.check_values,
     )
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -233,6 +256,11 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """One line whatever a path contains: control characters are shown escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -257,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except LoraFormatsError as error:
-        print(f"loraformats: error: {error}", file=sys.stderr)
+        print(f"loraformats: error: {_printable(str(error))}", file=sys.stderr)
         return error.exit_code
     except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

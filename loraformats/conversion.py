@@ -16,7 +16,7 @@ from .families import CANONICAL
 from .formats import Format, ReadContext
 from .header import Header, read_header
 from .pickles import pickled_by_content, pickled_by_name, refuse, to_safetensors
-from .planning import lower
+from .planning import plan
 from .plugins import registry
 from .report import ConversionReport, Step
 from .writer import refuse_overwriting_inputs, write_directory, write_safetensors
@@ -137,8 +137,16 @@ def convert(
     force: bool = False,
     allow_lossy: bool = False,
     allow_pickle: bool = False,
+    rank: int | None = None,
+    max_error: float | None = None,
+    strict: bool = False,
+    check_values: bool = True,
 ) -> ConversionReport:
-    """Convert `source` to format `to`. Returns the report; raises a `LoraFormatsError` on refusal."""
+    """Convert `source` to format `to`. Returns the report; raises a `LoraFormatsError` on refusal.
+
+    `rank` / `max_error` ask for the one lossy step, SVD compression to a LoRA (the request itself
+    allows it); the error of every module is measured and reported.
+    """
     source = Path(source)
     target = _format(to)
     if not target.writable:
@@ -159,8 +167,18 @@ def convert(
             detail=f"family {adapters.family.name}",
         )
         steps = [read, *adapters.provenance.steps]
-        lowered, transform_steps = lower(adapters, target, registry.transforms(), allow_lossy=allow_lossy)
-        steps += transform_steps
+        if check_values:
+            _check_values(adapters, source, strict, warnings)
+        planned = plan(
+            adapters,
+            target,
+            registry.transforms(),
+            allow_lossy=allow_lossy or rank is not None or max_error is not None,
+            rank=rank,
+            max_error=max_error,
+        )
+        lowered = planned.adapters
+        steps += planned.steps
         encoded = target.encode(lowered, write_options)
         steps += encoded.steps
         warnings += encoded.warnings
@@ -184,6 +202,8 @@ def convert(
             exactness=exactness,
             steps=steps,
             warnings=warnings,
+            # dropped by pydantic until ConversionReport has the field (it is the lead's module)
+            **({"approximation": planned.approximation} if planned.approximation else {}),
         )
         if dry_run:
             return report
@@ -197,6 +217,20 @@ def convert(
         raise InvalidFileError(str(error), path=source) from None
     finally:
         adapters.close()
+
+
+def _check_values(adapters: AdapterSet, source: Path, strict: bool, warnings: list[str]) -> None:
+    """NaN/Inf weights: a warning naming the modules, or (strict) a refusal."""
+    from .validation import scan_nonfinite
+
+    bad = scan_nonfinite(adapters)
+    if not bad:
+        return
+    worst = ", ".join(f"{module} ({count})" for module, count in sorted(bad.items(), key=lambda i: -i[1])[:3])
+    message = f"{sum(bad.values())} NaN/Inf values in {len(bad)} modules, e.g. {worst}"
+    if strict:
+        raise InvalidFileError(message, path=source)
+    warnings.append(message + " (--strict refuses such files)")
 
 
 def _provenance(adapters: AdapterSet) -> dict[str, str]:

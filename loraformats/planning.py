@@ -1,48 +1,104 @@
 """The planner: lower an adapter set until the target format can hold every module.
 
-A deterministic lowering driven by the target's declared capabilities: for each module, while
-it has a feature the target lacks, take the most exact registered transform that removes it.
-Approximate transforms are taken only when the user allows lossy steps.
+A deterministic lowering driven by the target's declared capabilities. For each module it searches
+the short chains of registered transforms that remove every feature the target lacks, and takes
+the best: the most exact worst step, then the fewest steps, then registration order. Approximate
+edges are taken only when the user allows lossy steps. When the user asks for a rank or an error
+bound (`--rank`, `--max-error`), every additive module is first compressed by truncated SVD, the
+one lossy edge, and the error of each module is measured and reported (`Approximation`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
-from .adapters import Exactness
-from .canonical import AdapterSet
-from .errors import UnsupportedError
+from pydantic import BaseModel, Field
+
+from .adapters import Adapter, Exactness, LoRA
+from .canonical import AdapterSet, ModuleKey
+from .errors import LoraFormatsError, UnsupportedError, UsageError
+from .families import Layer
 from .formats import Format
 from .report import Step
-from .transforms import Transform
+from .transforms import SvdCompress, Transform, inner_of
+
+#: Longest chain of transforms tried for one module (LoHa -> LoRA + Tucker -> LoRA is two).
+MAX_CHAIN = 4
+
+
+class ModuleApproximation(BaseModel):
+    """One compressed module: the rank written and its measured relative error."""
+
+    rank: int
+    relative_error: float = Field(description="‖ΔW − up·down‖_F / ‖ΔW‖_F on the float32 factors written")
+
+
+class Approximation(BaseModel):
+    """What a lossy compression did: per module, and over all compressed modules together."""
+
+    rank: int | None = Field(None, description="the rank asked for (--rank)")
+    max_error: float | None = Field(None, description="the relative error bound asked for (--max-error)")
+    modules: dict[str, ModuleApproximation] = Field(default_factory=dict)
+    relative_error: float = Field(0.0, description="sqrt(Σ‖E_m‖²) / sqrt(Σ‖ΔW_m‖²) over compressed modules")
+    max_relative_error: float = 0.0
+    kept: int = Field(0, description="additive modules already within the asked rank, kept exactly")
+
+
+@dataclass
+class Plan:
+    adapters: AdapterSet
+    steps: list[Step]
+    approximation: Approximation | None = None
+    routes: dict[ModuleKey, list[str]] = field(default_factory=dict)
 
 
 def lower(
-    adapters: AdapterSet, target: Format, transforms: dict[str, Transform], *, allow_lossy: bool = False
+    adapters: AdapterSet,
+    target: Format,
+    transforms: dict[str, Transform],
+    *,
+    allow_lossy: bool = False,
+    rank: int | None = None,
+    max_error: float | None = None,
 ) -> tuple[AdapterSet, list[Step]]:
+    """`plan` without the approximation details (kept for callers of the first API)."""
+    result = plan(adapters, target, transforms, allow_lossy=allow_lossy, rank=rank, max_error=max_error)
+    return result.adapters, result.steps
+
+
+def plan(
+    adapters: AdapterSet,
+    target: Format,
+    transforms: dict[str, Transform],
+    *,
+    allow_lossy: bool = False,
+    rank: int | None = None,
+    max_error: float | None = None,
+) -> Plan:
+    """Lower every module of `adapters` for `target`; compress first when a rank or error bound is asked."""
+    steps: list[Step] = []
+    modules = dict(adapters.modules)
+    approximation = None
+    if rank is not None or max_error is not None:
+        modules, approximation, step = _compress(adapters, modules, rank, max_error)
+        if step is not None:
+            steps.append(step)
+    edges = list(transforms.values())
     taken: Counter[str] = Counter()
-    ranked = sorted(transforms.values(), key=lambda t: t.exactness.rank)
+    routes: dict[ModuleKey, list[str]] = {}
     lowered = {}
-    for key, adapter in adapters.modules.items():
-        for _ in range(16):  # each transform removes a feature; a chain is short
-            missing = adapter.features() - target.capabilities
-            if not missing:
-                break
-            options = [t for t in ranked if t.removes in missing and t.applies(adapter)]
-            if not allow_lossy:
-                options = [t for t in options if t.exactness is not Exactness.APPROXIMATE]
-            if not options:
-                feature = sorted(missing)[0]
-                raise UnsupportedError(
-                    f"{target.name} cannot hold {feature} ({key[0]}:{key[1]}) and no exact re-expression "
-                    f"is installed",
-                    path=adapters.provenance.path,
-                )
-            transform = options[0]
-            adapter = transform.apply(adapter, adapters.layer(key))
+    for key, adapter in modules.items():
+        layer = adapters.layer(key)
+        route = best_route(adapter, layer, target.capabilities, edges, allow_lossy)
+        if route is None:
+            raise _refusal(adapters, key, adapter, layer, target, edges, allow_lossy)
+        for transform in route:
+            adapter = transform.apply(adapter, layer)
             taken[transform.name] += 1
+        routes[key] = [t.name for t in route]
         lowered[key] = adapter
-    steps = [
+    steps += [
         Step(
             stage="transform",
             name=name,
@@ -53,4 +109,97 @@ def lower(
         for name, count in taken.items()
     ]
     result = AdapterSet(adapters.family, lowered, adapters.metadata, adapters.provenance, adapters.sources)
-    return result, steps
+    return Plan(result, steps, approximation, routes)
+
+
+def best_route(
+    adapter: Adapter, layer: Layer, capabilities: frozenset[str], edges: list[Transform], allow_lossy: bool
+) -> list[Transform] | None:
+    """The best chain of transforms after which the target holds `adapter` ([] if it already does)."""
+    best: tuple[tuple[int, int, tuple[int, ...]], list[Transform]] | None = None
+    order = {id(edge): i for i, edge in enumerate(edges)}
+
+    def search(current: Adapter, path: list[Transform], worst: Exactness) -> None:
+        nonlocal best
+        missing = current.features() - capabilities
+        if not missing:
+            cost = (worst.rank, len(path), tuple(order[id(t)] for t in path))
+            if best is None or cost < best[0]:
+                best = (cost, list(path))
+            return
+        if len(path) == MAX_CHAIN or (best is not None and worst.rank > best[0][0]):
+            return
+        for edge in edges:
+            if edge.exactness is Exactness.APPROXIMATE and not allow_lossy:
+                continue
+            if not any(edge.removes_feature(f) for f in missing) or not edge.applies(current):
+                continue
+            try:
+                following = edge.apply(current, layer)
+            except LoraFormatsError:
+                continue  # the edge cannot take this particular module
+            search(following, [*path, edge], worst.worst(edge.exactness))
+
+    search(adapter, [], Exactness.IDENTICAL)
+    return None if best is None else best[1]
+
+
+def _refusal(
+    adapters: AdapterSet,
+    key: ModuleKey,
+    adapter: Adapter,
+    layer: Layer,
+    target: Format,
+    edges: list[Transform],
+    allow_lossy: bool,
+) -> UnsupportedError:
+    missing = adapter.features() - target.capabilities
+    stuck = [f for f in missing if not any(e.removes_feature(f) and e.applies(adapter) for e in edges)]
+    feature = sorted(stuck or missing, key=lambda f: (-f.count("."), f))[0]  # the most specific
+    message = (
+        f"{target.name} cannot hold {feature} ({key[0]}:{key[1]}) and no exact re-expression is installed"
+    )
+    if not allow_lossy and best_route(adapter, layer, target.capabilities, edges, True) is not None:
+        message += "; an approximate one is: pass --allow-lossy"
+    elif feature.startswith(("full.bias", "norm")):
+        message += " (bias and norm-layer deltas have no LoRA form)"
+    return UnsupportedError(message, path=adapters.provenance.path)
+
+
+def _compress(
+    adapters: AdapterSet, modules: dict[ModuleKey, Adapter], rank: int | None, max_error: float | None
+) -> tuple[dict[ModuleKey, Adapter], Approximation, Step | None]:
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if max_error is not None and not 0 <= max_error < 1:
+        raise UsageError(f"--max-error is a relative error in [0, 1), got {max_error}")
+    compress = SvdCompress(rank, max_error)
+    approximation = Approximation(rank=rank, max_error=max_error)
+    errors = norms = 0.0
+    result = dict(modules)
+    for key, adapter in modules.items():
+        if not compress.applies(adapter):
+            approximation.kept += isinstance(inner_of(adapter), LoRA)  # already within the rank
+            continue
+        result[key], cut = compress.compress(adapter, adapters.layer(key))
+        approximation.modules[f"{key[0]}:{key[1]}"] = ModuleApproximation(
+            rank=cut.rank, relative_error=cut.relative_error
+        )
+        errors += cut.error**2
+        norms += cut.norm**2
+    if not approximation.modules:
+        return result, approximation, None
+    approximation.relative_error = (errors / norms) ** 0.5 if norms else 0.0
+    approximation.max_relative_error = max(m.relative_error for m in approximation.modules.values())
+    ranks = sorted({m.rank for m in approximation.modules.values()})
+    step = Step(
+        stage="transform",
+        name=compress.name,
+        exactness=Exactness.APPROXIMATE,
+        modules=len(approximation.modules),
+        detail=(
+            f"{compress.description}: ranks {ranks[0]}..{ranks[-1]}, relative error "
+            f"{approximation.relative_error:.6g} overall, {approximation.max_relative_error:.6g} worst module"
+        ),
+    )
+    return result, approximation, step

@@ -22,6 +22,10 @@ class TestPeft(FormatConformance):
     format_name = "peft"
 
 
+class TestLycoris(FormatConformance):
+    format_name = "lycoris"
+
+
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
 class TestFamilies(FamilyConformance):
     @pytest.fixture

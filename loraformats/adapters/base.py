@@ -64,6 +64,17 @@ class Adapter(ABC):
         """W' - W, for additive adapters only (default float64)."""
         raise NotImplementedError(f"{self.algorithm} depends on the base weight; use apply()")
 
+    def bias_delta(self, layer: Layer) -> torch.Tensor | None:
+        """b' - b in float64 for adapters that also change the layer's bias (full `diff_b`, norm
+        `b_norm`), else None. `Layer` has no bias shape: a bias has one value per output."""
+        return None
+
+    @classmethod
+    def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        """The rank a header's shapes give this adapter (what `alpha` is divided by), or None where
+        rank means nothing ((IA)3, full, norm, OFT) or is not in the tensors (a full/full LoKr)."""
+        return None
+
     @classmethod
     @abstractmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:

@@ -1,13 +1,19 @@
-"""DoRA (weight-decomposed LoRA): W' = m * V / ||V||, V = W + delta, with the norm's axis explicit.
+"""DoRA (weight decomposition): W' = m * V / ||V||, V = W + delta, with the norm's axis explicit.
 
-PEFT and LyCORIS >= 3.2 (`wd_on_output`) normalise each output row; older LyCORIS files each input
-column. The magnitude tensor is kept as stored; its axis is recorded, never guessed by writers.
-Canonical maths uses no epsilon (PEFT's definition); LyCORIS and ComfyUI add the dtype's machine
-epsilon to the norm, a relative difference below 1e-7 in float32.
+The delta comes from an inner LoRA, LoHa or LoKr (LyCORIS `dora_wd` works with all three; PEFT
+only with LoRA). PEFT and LyCORIS >= 3.2 (`wd_on_output`) normalise each output row; older LyCORIS
+files each input column. The magnitude tensor is kept as stored; its axis is recorded, never
+guessed by writers. Canonical maths uses no epsilon (PEFT's definition); LyCORIS and ComfyUI add
+the dtype's machine epsilon to the norm, a relative difference below 1e-7 in float32.
+
+Features: the inner adapter's, plus `dora`, `dora.<axis>` and, for a LoHa or LoKr inside,
+`loha.dora` / `lokr.dora` (PEFT has DoRA for LoRA only). Re-expressing the inner delta exactly
+(e.g. LoHa -> LoRA) keeps the DoRA map exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
@@ -16,6 +22,8 @@ from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
 from .base import Adapter
+from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
 
 if TYPE_CHECKING:
@@ -23,12 +31,24 @@ if TYPE_CHECKING:
 
 AXES = ("output", "input")
 
+Inner = LoRA | LoHa | LoKr
+
+
+def inner_class(roles: Iterable[str]) -> type[LoRA] | type[LoHa] | type[LoKr]:
+    """The adapter a DoRA's other roles belong to: LoHa and LoKr roles carry their LyCORIS prefixes."""
+    names = list(roles)
+    if any(name.startswith("hada_") for name in names):
+        return LoHa
+    if any(name.startswith("lokr_") for name in names):
+        return LoKr
+    return LoRA
+
 
 @dataclass
 class DoRA(Adapter):
-    """A weight-decomposed LoRA. `magnitude` has one value per output row or input column."""
+    """A weight-decomposed LoRA, LoHa or LoKr. `magnitude` has one value per output row or input column."""
 
-    inner: LoRA
+    inner: Inner
     magnitude: TensorData
     axis: str = "output"
 
@@ -39,19 +59,24 @@ class DoRA(Adapter):
         extras = dict(extras)
         axis = extras.pop("magnitude_axis", "output")
         inner = {role: tensor for role, tensor in roles.items() if role != "magnitude"}
-        return cls(LoRA.from_roles(inner, extras), roles["magnitude"], axis)
+        return cls(inner_class(inner).from_roles(inner, extras), roles["magnitude"], axis)
+
+    @classmethod
+    def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        inner = {role: s for role, s in shapes.items() if role != "magnitude"}
+        return inner_class(inner).rank_of(inner)
 
     @classmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
         if "magnitude" not in shapes:
             return "a DoRA module needs its magnitude vector"
-        return LoRA.factor_problem({role: s for role, s in shapes.items() if role != "magnitude"})
+        inner = {role: s for role, s in shapes.items() if role != "magnitude"}
+        return inner_class(inner).factor_problem(inner)
 
     @classmethod
     def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes) or LoRA.shape_problem(
-            {role: s for role, s in shapes.items() if role != "magnitude"}, layer
-        )
+        inner = {role: s for role, s in shapes.items() if role != "magnitude"}
+        problem = cls.factor_problem(shapes) or inner_class(inner).shape_problem(inner, layer)
         if problem:
             return problem
         count = prod(shapes["magnitude"])
@@ -70,7 +95,8 @@ class DoRA(Adapter):
         return {**self.inner.tensors(), "magnitude": self.magnitude}
 
     def features(self) -> frozenset[str]:
-        return self.inner.features() | {"dora", f"dora.{self.axis}"}
+        features = self.inner.features() | {"dora", f"dora.{self.axis}"}
+        return features if isinstance(self.inner, LoRA) else features | {f"{self.inner.algorithm}.dora"}
 
     @property
     def dtype(self) -> str:

@@ -27,6 +27,7 @@ from .base import Adapter
 
 if TYPE_CHECKING:
     import torch
+    from torch import Tensor
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -73,13 +74,14 @@ class LoHa(Adapter):
     def dtype(self) -> str:
         return self.hada_w1_a.dtype
 
-    def halves(self, layer: Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def halves(self, layer: Layer, dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
         """(U_n, V_n) with P_n = U_n @ V_n flattened to (O, I·kh·kw), for n = 1, 2 (float64, unscaled)."""
         pairs = []
         for n in (1, 2):
-            a, b = maths.f64(getattr(self, f"hada_w{n}_a")), maths.f64(getattr(self, f"hada_w{n}_b"))
+            a = maths.f64(getattr(self, f"hada_w{n}_a"), dtype)
+            b = maths.f64(getattr(self, f"hada_w{n}_b"), dtype)
             if self.tucker:
-                core = maths.f64(getattr(self, f"hada_t{n}"))
+                core = maths.f64(getattr(self, f"hada_t{n}"), dtype)
                 pairs.append((a.T, maths.tucker_flat(core, b)))
             else:
                 pairs.append((a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)))
@@ -93,6 +95,16 @@ class LoHa(Adapter):
         (u1, v1), (u2, v2) = self.halves(layer)
         return maths.face_split(u1, u2) * self.scale, maths.khatri_rao(v1, v2)
 
+    def lora_factors(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 (up, down) of `low_rank`, for writing. A product of two float16/bfloat16 values
+        is exact in float32, so plain factors in those dtypes are multiplied in float32 directly (no
+        float64 detour at real sizes); others in float64, rounded once. The scale goes in once."""
+        import torch
+
+        narrow = not self.tucker and all(getattr(self, f).dtype in maths.NARROW for f in FACTORS)
+        (u1, v1), (u2, v2) = self.halves(layer, torch.float32 if narrow else torch.float64)
+        return maths.scaled_f32(maths.face_split(u1, u2), maths.khatri_rao(v1, v2), self.scale)
+
     def delta(self, layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
         import torch
 
@@ -102,6 +114,10 @@ class LoHa(Adapter):
 
     def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
         return weight + self.delta(layer, weight.dtype)
+
+    @classmethod
+    def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        return shapes["hada_w1_b"][0] if "hada_w1_b" in shapes else None
 
     @classmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:

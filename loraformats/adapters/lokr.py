@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
 CONVENTIONS = ("lycoris", "peft")
+Pair = tuple["torch.Tensor", "torch.Tensor"]
 
 
 @dataclass
@@ -86,33 +87,56 @@ class LoKr(Adapter):
     def dtype(self) -> str:
         return next(t for t in (self.lokr_w1, self.lokr_w1_a) if t is not None).dtype
 
-    def factors(self, layer: Layer) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    def factors(self, layer: Layer, dtype: torch.dtype | None = None) -> tuple[Pair, Pair]:
         """((U1, V1), (U2, V2)) with W1 = U1 V1 (a, c) and flatten(W2) = U2 V2 (b, d·kh·kw), float64.
 
         A full factor is paired with an identity on its smaller side, so the inner sizes are as small
         as they can be without any decomposition.
         """
         if self.lokr_w1 is not None:
-            first = _full_pair(maths.f64(self.lokr_w1))
+            first = _full_pair(maths.f64(self.lokr_w1, dtype))
         else:
-            first = (maths.f64(self.lokr_w1_a), maths.f64(self.lokr_w1_b))
+            first = (maths.f64(self.lokr_w1_a, dtype), maths.f64(self.lokr_w1_b, dtype))
         if self.lokr_w2 is not None:
-            w2 = maths.f64(self.lokr_w2)
+            w2 = maths.f64(self.lokr_w2, dtype)
             second = _full_pair(w2.reshape(w2.shape[0], -1))
         elif self.lokr_t2 is not None:
-            a, b, core = maths.f64(self.lokr_w2_a), maths.f64(self.lokr_w2_b), maths.f64(self.lokr_t2)
+            a, b, core = (maths.f64(t, dtype) for t in (self.lokr_w2_a, self.lokr_w2_b, self.lokr_t2))
             second = (a.T, maths.tucker_flat(core, b))
         else:
-            a, b = maths.f64(self.lokr_w2_a), maths.f64(self.lokr_w2_b)
+            a, b = maths.f64(self.lokr_w2_a, dtype), maths.f64(self.lokr_w2_b, dtype)
             second = (a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+        return first, second
+
+    def lora_factors(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 (up, down) of `low_rank`, for writing: Kronecker products of float16/bfloat16
+        values (or of a value and an identity's 0/1) are exact in float32, so those are formed in float32
+        directly; a Tucker factor (sums) in float64, rounded once. The scale goes in once."""
+        import torch
+
+        narrow = self.lokr_t2 is None and all(t.dtype in maths.NARROW for t in self.tensors().values()
+                                               if t is not self.alpha)  # fmt: skip
+        (u1, v1), (u2, v2) = self.factors(layer, torch.float32 if narrow else torch.float64)
+        return maths.scaled_f32(maths.kron(u1, u2), maths.kron(v1, v2), self.scale)
+
+    def inner_sizes(self, layer: Layer) -> tuple[int, int]:
+        """The inner sizes of `factors` (from shapes alone): the rank of the exact LoRA is their product."""
+        first = min(self.lokr_w1.shape) if self.lokr_w1 is not None else self.lokr_w1_a.shape[1]
+        if self.lokr_w2 is not None:
+            second = min(self.lokr_w2.shape[0], prod(self.lokr_w2.shape[1:]))
+        elif self.lokr_t2 is not None:
+            second = self.lokr_t2.shape[0]
+        else:
+            second = self.lokr_w2_a.shape[1]
         return first, second
 
     def low_rank(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """flatten(ΔW) = γ (U1 ⊗ U2)(V1 ⊗ V2), by the mixed-product rule (no SVD); None when the
         inner size is not below min(O, I·kh·kw) (the dense delta is then smaller)."""
-        (u1, v1), (u2, v2) = self.factors(layer)
-        if u1.shape[1] * u2.shape[1] >= min(layer.out_features, maths.flat_in(layer)):
+        first, second = self.inner_sizes(layer)
+        if first * second >= min(layer.out_features, maths.flat_in(layer)):
             return None
+        (u1, v1), (u2, v2) = self.factors(layer)
         return maths.kron(u1, u2) * self.scale, maths.kron(v1, v2)
 
     def delta(self, layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -124,6 +148,10 @@ class LoKr(Adapter):
 
     def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
         return weight + self.delta(layer, weight.dtype)
+
+    @classmethod
+    def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        return next((shapes[role][0] for role in ("lokr_w2_b", "lokr_w1_b") if role in shapes), None)
 
     @classmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:

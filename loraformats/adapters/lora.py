@@ -81,6 +81,10 @@ class LoRA(Adapter):
         return weight + self.delta(layer, weight.dtype)
 
     @classmethod
+    def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        return shapes["down"][0] if "down" in shapes else None
+
+    @classmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
         """Why these factors cannot form a LoRA whatever the layer (missing, ranks disagree). Header-only."""
         down, up, mid, alpha = (shapes.get(role) for role in ("down", "up", "mid", "alpha"))

@@ -16,10 +16,26 @@ if TYPE_CHECKING:
     import torch
 
 
-def f64(tensor: TensorData) -> torch.Tensor:
+def f64(tensor: TensorData, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The values in float64 (or in `dtype`)."""
     import torch
 
-    return tensor.to_torch().to(torch.float64)
+    return tensor.to_torch().to(dtype or torch.float64)
+
+
+#: Storage dtypes whose pairwise products float32 holds exactly (8- or 11-bit significands).
+NARROW = ("F16", "BF16")
+
+
+def scaled_f32(up: torch.Tensor, down: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) as float32, `scale` folded into the smaller one (in float64, rounded once)."""
+    import torch
+
+    if scale == 1.0:
+        return up.to(torch.float32), down.to(torch.float32)
+    if up.numel() <= down.numel():
+        return (up.to(torch.float64) * scale).to(torch.float32), down.to(torch.float32)
+    return up.to(torch.float32), (down.to(torch.float64) * scale).to(torch.float32)
 
 
 def kernel(layer: Layer) -> tuple[int, int]:
@@ -56,9 +72,10 @@ def khatri_rao(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
 
 
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Kronecker product (torch.kron fails on some non-contiguous views, e.g. transposes)."""
     import torch
 
-    return torch.kron(a, b)
+    return torch.kron(a.contiguous(), b.contiguous())
 
 
 def identity_factors(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from math import prod
 from typing import Any, ClassVar
 
@@ -101,13 +102,27 @@ class KohyaFormat(Format):
     base_model_keys: ClassVar[tuple[str, ...]] = BASE_MODEL_KEYS
 
     def sniff(self, header: Header) -> Evidence:
+        """The share of names with Kohya's prefixes. Other suffixes than LoRA/LoCon/DoRA's under those
+        prefixes (LyCORIS's hada_, lokr_, ...) keep the score below 1: such files are the lycoris
+        format's when it is installed, and this format names what it cannot read when it is not."""
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
-        ours = len(list(filter(KEY.match, names)))  # one C loop: detection sniffs every name
+        prefixed = list(filter(KEY.match, names))  # one C loop: detection sniffs every name
+        ours = len(prefixed)
         evidence = Evidence(ours / len(names))
         if ours:
             evidence.reasons.append(f"{ours} of {len(names)} tensor names use lora_unet_/lora_te*_ prefixes")
+        written_as = header.metadata.get("loraformats.format", self.name)
+        if written_as != self.name:  # loraformats wrote these Kohya names as another format's file
+            evidence.score = min(evidence.score, 0.99)
+            evidence.against.append(f"loraformats wrote it as a {written_as} file (loraformats.format)")
+        other = [name for name in prefixed if name.partition(".")[2] not in ROLES]
+        if other:
+            evidence.score = min(evidence.score, 0.99)
+            evidence.against.append(
+                f"{len(other)} have suffixes other than LoRA/LoCon/DoRA's (LyCORIS?), e.g. {other[0]!r}"
+            )
         if ours < len(names):
             example = next(name for name in names if not KEY.match(name))
             evidence.against.append(f"{len(names) - ours} names do not, e.g. {example!r}")
@@ -238,7 +253,10 @@ class KohyaFormat(Format):
             metadata["ss_network_dim"] = _format_number(next(iter(ranks)))
         if len(alphas) == 1 and _disagrees(metadata.get("ss_network_alpha"), *alphas):
             metadata["ss_network_alpha"] = _format_number(next(iter(alphas)))
-        if "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:
+        if metadata.get("sshs_model_hash", "").startswith("0x"):  # LyCORIS's own hash, not sd-scripts'
+            if not keeps_source_tensors(adapters, tensors):
+                metadata["sshs_model_hash"] = lycoris_model_hash(tensors)
+        elif "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:
             model, legacy = sshs_hashes(tensors, metadata)
             metadata["sshs_model_hash"] = model
             if legacy is None:
@@ -246,6 +264,66 @@ class KohyaFormat(Format):
             else:
                 metadata["sshs_legacy_hash"] = legacy
         return metadata
+
+
+def keeps_source_tensors(adapters: AdapterSet, tensors: list[tuple[str, TensorData]]) -> bool:
+    """Whether `tensors` are exactly the source file's tensors (same names, each copied from its own
+    bytes): then a hash of the source that cannot be recomputed (LyCORIS hashes in an order the file
+    does not keep) still holds. Header only."""
+    from pathlib import Path
+
+    from loraformats.errors import LoraFormatsError
+    from loraformats.header import read_header
+    from loraformats.tensors import FileTensor, ReshapedTensor
+
+    source = Path(adapters.provenance.path)
+    try:
+        header = read_header(source) if source.is_file() else None
+    except (LoraFormatsError, OSError):
+        header = None
+    if header is None or {name for name, _ in tensors} != set(header.tensors):
+        return False
+    for name, tensor in tensors:
+        base, info = tensor, header.tensors[name]
+        while isinstance(base, ReshapedTensor):
+            base = base.base
+        same_shape = (tensor.dtype, tuple(tensor.shape)) == (info[0], tuple(info[1]))
+        if not isinstance(base, FileTensor) or not same_shape:
+            return False
+        if base.offset != header.data_start + info.start or not base.source.path.samefile(source):
+            return False
+    return True
+
+
+#: Where LyCORIS's LoCon module puts each tensor in its state dict (`LoConModule.custom_state_dict`).
+LOCON_ORDER = {"dora_scale": 0, "alpha": 1, "lora_up.weight": 2, "lora_down.weight": 3, "lora_mid.weight": 4}
+
+
+def lycoris_model_hash(
+    tensors: list[tuple[str, TensorData]], suffix_order: Callable[[set[str]], dict[str, int]] | None = None
+) -> str:
+    """LyCORIS's `sshs_model_hash`: "0x" + SHA-256 of every tensor's bytes in its network's state-dict
+    order: text encoders (by slot) then the denoiser, modules in model order (as `tensors` are written),
+    each module's tensors in its algorithm's order (`suffix_order`, LoCon's by default). For a network
+    LyCORIS built on the same model classes as the family tables, this is the hash LyCORIS writes."""
+    import hashlib
+
+    modules: dict[str, list[tuple[str, TensorData]]] = {}
+    for name, tensor in tensors:
+        stem, _, suffix = name.partition(".")
+        modules.setdefault(stem, []).append((suffix, tensor))
+
+    def component(stem: str) -> tuple[int, int]:
+        found = re.match(r"lora_te(\d?)_", stem)
+        return (0, int(found[1] or 0)) if found else (1, 0)
+
+    digest = hashlib.sha256()
+    for stem in sorted(modules, key=component):  # stable: model order within a component
+        entries = modules[stem]
+        rank = (suffix_order or (lambda _: LOCON_ORDER))({suffix for suffix, _ in entries})
+        for _, tensor in sorted(entries, key=lambda entry: rank.get(entry[0], len(rank))):
+            digest.update(tensor.read_bytes())
+    return f"0x{digest.hexdigest()}"
 
 
 def _dora_scale(module: DoRA, layer: Layer) -> TensorData:

@@ -211,9 +211,11 @@ def restore_alphas(adapters: AdapterSet, header: Header, context: ReadContext) -
                 lora.alpha, lora.rank_scaling = None, scaling
                 continue
             if folded:
-                from loraformats.exponent import shift_tensor
+                from loraformats.exponent import can_shift, shift_tensor
 
                 factor = getattr(lora, folded["factor"])
+                if not can_shift(factor, -int(folded["log2"]), folded.get("dtype", factor.dtype)):
+                    raise ValueError(address)  # a note that does not fit these values
                 restored = shift_tensor(factor, -int(folded["log2"]), folded.get("dtype", factor.dtype))
                 setattr(lora, folded["factor"], restored)
                 unfolded += 1

@@ -211,7 +211,12 @@ RECIPES = {
     "lycoris_loha_sd1": Recipe(
         lambda: lycoris_kohya("tiny-sd1", "loha"),
         "lycoris.kohya.create_network(..., algo='loha') on tiny-sd1; save_weights(fp16)",
-        {"format": "kohya", "family": "unknown", "unsupported": "LoHa"},
+        {
+            "format": "lycoris",
+            "family": "tiny-sd1",
+            "algorithms": ["loha"],
+            "components": ["unet", "text_encoder"],
+        },
         ("lycoris-lora",),
     ),
 }
