@@ -290,7 +290,11 @@ def keeps_source_tensors(adapters: AdapterSet, tensors: list[tuple[str, TensorDa
         same_shape = (tensor.dtype, tuple(tensor.shape)) == (info[0], tuple(info[1]))
         if not isinstance(base, FileTensor) or not same_shape:
             return False
-        if base.offset != header.data_start + info.start or not base.source.path.samefile(source):
+        try:
+            same_file = base.source.path.samefile(source)
+        except OSError:  # e.g. a temporary copy of a pickled input, already removed
+            return False
+        if base.offset != header.data_start + info.start or not same_file:
             return False
     return True
 
