@@ -13,36 +13,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
-
 from .adapters import Adapter, Exactness, LoRA
 from .canonical import AdapterSet, ModuleKey
 from .errors import LoraFormatsError, UnsupportedError, UsageError
 from .families import Layer
 from .formats import Format
-from .report import Step
+from .report import Approximation, ModuleApproximation, Step
 from .transforms import SvdCompress, Transform, inner_of
 
 #: Longest chain of transforms tried for one module (LoHa -> LoRA + Tucker -> LoRA is two).
 MAX_CHAIN = 4
-
-
-class ModuleApproximation(BaseModel):
-    """One compressed module: the rank written and its measured relative error."""
-
-    rank: int
-    relative_error: float = Field(description="‖ΔW − up·down‖_F / ‖ΔW‖_F on the float32 factors written")
-
-
-class Approximation(BaseModel):
-    """What a lossy compression did: per module, and over all compressed modules together."""
-
-    rank: int | None = Field(None, description="the rank asked for (--rank)")
-    max_error: float | None = Field(None, description="the relative error bound asked for (--max-error)")
-    modules: dict[str, ModuleApproximation] = Field(default_factory=dict)
-    relative_error: float = Field(0.0, description="sqrt(Σ‖E_m‖²) / sqrt(Σ‖ΔW_m‖²) over compressed modules")
-    max_relative_error: float = 0.0
-    kept: int = Field(0, description="additive modules already within the asked rank, kept exactly")
 
 
 @dataclass

@@ -19,6 +19,24 @@ class Step(BaseModel):
     detail: str = ""
 
 
+class ModuleApproximation(BaseModel):
+    """One compressed module: the rank written and its measured relative error."""
+
+    rank: int
+    relative_error: float = Field(description="‖ΔW − up·down‖_F / ‖ΔW‖_F on the float32 factors written")
+
+
+class Approximation(BaseModel):
+    """What a lossy compression did: per module, and over all compressed modules together."""
+
+    rank: int | None = Field(None, description="the rank asked for (--rank)")
+    max_error: float | None = Field(None, description="the relative error bound asked for (--max-error)")
+    modules: dict[str, ModuleApproximation] = Field(default_factory=dict)
+    relative_error: float = Field(0.0, description="sqrt(Σ‖E_m‖²) / sqrt(Σ‖ΔW_m‖²) over compressed modules")
+    max_relative_error: float = 0.0
+    kept: int = Field(0, description="additive modules already within the asked rank, kept exactly")
+
+
 class ConversionReport(BaseModel):
     """The result of `convert` (also printed by `--report json`)."""
 
@@ -35,3 +53,4 @@ class ConversionReport(BaseModel):
     exactness: Exactness
     steps: list[Step] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    approximation: Approximation | None = Field(None, description="what --rank / --max-error compressed")
