@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
+from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
 
@@ -49,9 +50,13 @@ class Adapter(ABC):
     def features(self) -> frozenset[str]:
         """What a target format must support to hold this adapter as it is (e.g. `lora.tucker`)."""
 
-    @abstractmethod
     def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
-        """W' for a base weight W, computed in the dtype of `weight` (tests use float64)."""
+        """W' for a base weight W, computed in the dtype of `weight` (tests use float64).
+
+        Additive adapters add their `delta`; adapters whose change depends on W override this."""
+        if not self.additive:
+            raise NotImplementedError(f"{self.algorithm} must define apply()")
+        return weight + self.delta(layer, weight.dtype)
 
     def low_rank(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(U, V) in float64 with W' - W = reshape(U @ V), if the change is low-rank; else None.
@@ -85,9 +90,11 @@ class Adapter(ABC):
     def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         """Why tensors of these shapes cannot adapt `layer`, or None. Works on the header alone."""
 
-    @abstractmethod
     def check(self, layer: Layer, where: str) -> None:
         """Raise `InvalidFileError` unless the tensors fit each other and the base layer."""
+        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
+        if problem:
+            raise InvalidFileError(f"{where}: {problem}")
 
     @property
     def dtype(self) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
@@ -51,9 +50,6 @@ class Full(Adapter):
     def bias_delta(self, layer: Layer) -> torch.Tensor | None:
         return None if self.diff_b is None else maths.f64(self.diff_b).reshape(-1)
 
-    def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
-        return weight + self.delta(layer, weight.dtype)
-
     @classmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
         if "diff" not in shapes:
@@ -76,8 +72,3 @@ class Full(Adapter):
         if bias is not None and prod(bias) != layer.out_features:
             return f"diff_b {list(bias)} does not have one value per output ({layer.out_features})"
         return None
-
-    def check(self, layer: Layer, where: str) -> None:
-        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
-        if problem:
-            raise InvalidFileError(f"{where}: {problem}")

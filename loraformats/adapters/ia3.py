@@ -74,9 +74,7 @@ class IA3(Adapter):
         return None
 
     def check(self, layer: Layer, where: str) -> None:
-        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
-        if problem:
-            raise InvalidFileError(f"{where}: {problem}")
+        super().check(layer, where)
         if self.on_input.dtype not in ("I64", "I32", "I16", "I8", "U8", "BOOL", "F32", "F16", "BF16", "F64"):
             raise InvalidFileError(f"{where}: on_input has dtype {self.on_input.dtype}")
         value = self.on_input.scalar()

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
@@ -112,9 +111,6 @@ class LoHa(Adapter):
         product = (u1 @ v1) * (u2 @ v2) * self.scale
         return product.reshape(layer.weight_shape).to(dtype or torch.float64)
 
-    def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
-        return weight + self.delta(layer, weight.dtype)
-
     @classmethod
     def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
         return shapes["hada_w1_b"][0] if "hada_w1_b" in shapes else None
@@ -161,8 +157,3 @@ class LoHa(Adapter):
             if prod(b[1:]) != inp * k[0] * k[1] or (len(b) == 4 and (b[1], *b[2:]) != (inp, *k)):
                 return f"hada_w{n}_b {list(b)} does not fit {inp} inputs with kernel {list(k)}"
         return None
-
-    def check(self, layer: Layer, where: str) -> None:
-        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
-        if problem:
-            raise InvalidFileError(f"{where}: {problem}")

@@ -146,9 +146,6 @@ class LoKr(Adapter):
         product = maths.kron(u1 @ v1, u2 @ v2) * self.scale
         return product.reshape(layer.weight_shape).to(dtype or torch.float64)
 
-    def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
-        return weight + self.delta(layer, weight.dtype)
-
     @classmethod
     def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
         return next((shapes[role][0] for role in ("lokr_w2_b", "lokr_w1_b") if role in shapes), None)
@@ -207,9 +204,7 @@ class LoKr(Adapter):
     def check(self, layer: Layer, where: str) -> None:
         if self.convention not in CONVENTIONS:
             raise InvalidFileError(f"{where}: unknown LoKr scale convention {self.convention!r}")
-        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
-        if problem:
-            raise InvalidFileError(f"{where}: {problem}")
+        super().check(layer, where)
 
 
 def _full_pair(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

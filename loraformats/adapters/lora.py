@@ -77,9 +77,6 @@ class LoRA(Adapter):
         up, down = self.low_rank(layer)
         return (up @ down).reshape(layer.weight_shape).to(dtype or torch.float64)
 
-    def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
-        return weight + self.delta(layer, weight.dtype)
-
     @classmethod
     def rank_of(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
         return shapes["down"][0] if "down" in shapes else None
@@ -129,6 +126,4 @@ class LoRA(Adapter):
         """Raise `InvalidFileError` unless the factors fit each other and the base layer."""
         if self.rank_scaling not in ("rank", "sqrt_rank"):
             raise InvalidFileError(f"{where}: unknown rank scaling {self.rank_scaling!r}")
-        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
-        if problem:
-            raise InvalidFileError(f"{where}: {problem}")
+        super().check(layer, where)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
@@ -49,9 +48,6 @@ class Norm(Adapter):
     def bias_delta(self, layer: Layer) -> torch.Tensor | None:
         return None if self.b_norm is None else maths.f64(self.b_norm).reshape(-1)
 
-    def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
-        return weight + self.delta(layer, weight.dtype)
-
     @classmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
         if "w_norm" not in shapes:
@@ -72,8 +68,3 @@ class Norm(Adapter):
             if role in shapes and prod(shapes[role]) != layer.out_features:
                 return f"{role} {list(shapes[role])} does not fit {layer.out_features} channels"
         return None
-
-    def check(self, layer: Layer, where: str) -> None:
-        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
-        if problem:
-            raise InvalidFileError(f"{where}: {problem}")

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
@@ -116,11 +115,6 @@ class _Orthogonal(Adapter):
     @classmethod
     def extra_problem(cls, blocks: tuple[int, ...], layer: Layer) -> str | None:
         return None
-
-    def check(self, layer: Layer, where: str) -> None:
-        problem = self.shape_problem({role: t.shape for role, t in self.tensors().items()}, layer)
-        if problem:
-            raise InvalidFileError(f"{where}: {problem}")
 
 
 @dataclass
