@@ -17,7 +17,7 @@ import functools
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from loraformats.adapters import Adapter, DoRA, Exactness, GLoRA, LoKr, LoRA
 from loraformats.canonical import AdapterSet
@@ -30,6 +30,7 @@ from loraformats.tensors import ComputedTensor, TensorData
 from loraformats_kohya.format import (
     KohyaFormat,
     KohyaMetadata,
+    KohyaOptions,
     _dora_scale,
     keeps_source_tensors,
     lycoris_model_hash,
@@ -70,16 +71,9 @@ def _hint(prefix: str, slot: str) -> ComponentHint:
     return ComponentHint(role="text_encoder", slot=int(slot) if slot else None)
 
 
-class LycorisOptions(BaseModel):
-    """Options for writing LyCORIS files."""
+class LycorisOptions(KohyaOptions):
+    """Options for writing LyCORIS files: Kohya's, plus the denoiser prefix."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    naming: str | None = Field(
-        None,
-        description="module naming for every component, e.g. 'canonical' (diffusers) or 'ldm' (SGM/LDM); "
-        "default: the source's naming, else the family's",
-    )
     prefix: str | None = Field(
         None,
         description="denoiser prefix: 'lora_unet' (LyCORIS's Kohya network) or 'lycoris' (its standalone "
