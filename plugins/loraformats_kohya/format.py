@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
 from math import prod
 from typing import Any, ClassVar
 
@@ -20,7 +19,7 @@ from loraformats.report import Step
 from loraformats.tensors import ComputedTensor, TensorData
 
 from .describe import BASE_MODEL_KEYS, describe
-from .hashes import sshs_hashes
+from .hashes import keeps_source_tensors, lycoris_model_hash, sshs_hashes
 
 KEY = re.compile(r"^(?P<prefix>lora_unet|lora_te(?P<slot>\d?))_(?P<name>[^.]+)\.(?P<suffix>.+)$")
 
@@ -206,7 +205,7 @@ class KohyaFormat(Format):
                 tensors.append((f"{stem}.alpha", alpha))
             if isinstance(module, DoRA):
                 layer = component.modules[path]
-                tensors.append((f"{stem}.dora_scale", _dora_scale(module, layer)))
+                tensors.append((f"{stem}.dora_scale", dora_scale_tensor(module, layer)))
         detail = ", ".join(f"{c} in {n} naming" for c, n in namings.items())
         steps = [
             Step(
@@ -266,71 +265,7 @@ class KohyaFormat(Format):
         return metadata
 
 
-def keeps_source_tensors(adapters: AdapterSet, tensors: list[tuple[str, TensorData]]) -> bool:
-    """Whether `tensors` are exactly the source file's tensors (same names, each copied from its own
-    bytes): then a hash of the source that cannot be recomputed (LyCORIS hashes in an order the file
-    does not keep) still holds. Header only."""
-    from pathlib import Path
-
-    from loraformats.errors import LoraFormatsError
-    from loraformats.header import read_header
-    from loraformats.tensors import FileTensor, ReshapedTensor
-
-    source = Path(adapters.provenance.path)
-    try:
-        header = read_header(source) if source.is_file() else None
-    except (LoraFormatsError, OSError):
-        header = None
-    if header is None or {name for name, _ in tensors} != set(header.tensors):
-        return False
-    for name, tensor in tensors:
-        base, info = tensor, header.tensors[name]
-        while isinstance(base, ReshapedTensor):
-            base = base.base
-        same_shape = (tensor.dtype, tuple(tensor.shape)) == (info[0], tuple(info[1]))
-        if not isinstance(base, FileTensor) or not same_shape:
-            return False
-        try:
-            same_file = base.source.path.samefile(source)
-        except OSError:  # e.g. a temporary copy of a pickled input, already removed
-            return False
-        if base.offset != header.data_start + info.start or not same_file:
-            return False
-    return True
-
-
-#: Where LyCORIS's LoCon module puts each tensor in its state dict (`LoConModule.custom_state_dict`).
-LOCON_ORDER = {"dora_scale": 0, "alpha": 1, "lora_up.weight": 2, "lora_down.weight": 3, "lora_mid.weight": 4}
-
-
-def lycoris_model_hash(
-    tensors: list[tuple[str, TensorData]], suffix_order: Callable[[set[str]], dict[str, int]] | None = None
-) -> str:
-    """LyCORIS's `sshs_model_hash`: "0x" + SHA-256 of every tensor's bytes in its network's state-dict
-    order: text encoders (by slot) then the denoiser, modules in model order (as `tensors` are written),
-    each module's tensors in its algorithm's order (`suffix_order`, LoCon's by default). For a network
-    LyCORIS built on the same model classes as the family tables, this is the hash LyCORIS writes."""
-    import hashlib
-
-    modules: dict[str, list[tuple[str, TensorData]]] = {}
-    for name, tensor in tensors:
-        stem, _, suffix = name.partition(".")
-        modules.setdefault(stem, []).append((suffix, tensor))
-
-    def component(stem: str) -> tuple[int, int]:
-        found = re.match(r"lora_te(\d?)_", stem)
-        return (0, int(found[1] or 0)) if found else (1, 0)
-
-    digest = hashlib.sha256()
-    for stem in sorted(modules, key=component):  # stable: model order within a component
-        entries = modules[stem]
-        rank = (suffix_order or (lambda _: LOCON_ORDER))({suffix for suffix, _ in entries})
-        for _, tensor in sorted(entries, key=lambda entry: rank.get(entry[0], len(rank))):
-            digest.update(tensor.read_bytes())
-    return f"0x{digest.hexdigest()}"
-
-
-def _dora_scale(module: DoRA, layer: Layer) -> TensorData:
+def dora_scale_tensor(module: DoRA, layer: Layer) -> TensorData:
     """LyCORIS's `dora_scale` layout: explicit singleton dims, so the shape tells the axis."""
     count = prod(module.magnitude.shape)
     trailing = (1, 1) if layer.kind == "conv2d" else ()

@@ -31,11 +31,9 @@ from loraformats_kohya.format import (
     KohyaFormat,
     KohyaMetadata,
     KohyaOptions,
-    _dora_scale,
-    keeps_source_tensors,
-    lycoris_model_hash,
+    dora_scale_tensor,
 )
-from loraformats_kohya.hashes import sshs_hashes
+from loraformats_kohya.hashes import keeps_source_tensors, lycoris_model_hash, sshs_hashes
 
 from .network_args import updated_metadata
 from .suffixes import (
@@ -195,7 +193,7 @@ class LycorisFormat(KohyaFormat):
             suffixes = GLORA_SUFFIX if isinstance(inner, GLoRA) else ROLE_SUFFIX
             tensors += [(f"{stem}.{suffixes.get(role, role)}", tensor) for role, tensor in roles.items()]
             if isinstance(module, DoRA):
-                tensors.append((f"{stem}.dora_scale", _dora_scale(module, component.modules[path])))
+                tensors.append((f"{stem}.dora_scale", dora_scale_tensor(module, component.modules[path])))
         steps = [
             Step(
                 stage="write",
