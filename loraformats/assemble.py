@@ -218,6 +218,9 @@ def assemble_parts(
     resolution = choose_family(parts, context, where)
     headers = {id(parsed): header for header, parsed in parts}
     sources = {id(header): SourceFile(header.path) for header, _ in parts}
+    for header, _ in parts:
+        if header.temporary:  # an unpickled copy, deleted after reading: keep a descriptor open
+            sources[id(header)].open()
     part_of = {id(module): parsed for _, parsed in parts for module in parsed.modules}
     modules: dict[ModuleKey, Adapter] = {}
     origin: dict[ModuleKey, str] = {}

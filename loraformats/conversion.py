@@ -15,13 +15,11 @@ from .errors import InvalidFileError, UnsupportedError, UsageError
 from .families import CANONICAL
 from .formats import Format, ReadContext
 from .header import Header, read_header
-from .pickles import pickled_by_content, pickled_by_name, refuse, to_safetensors
+from .pickles import pickled_by_content, pickled_by_name, refuse, temporaries_removed, to_safetensors
 from .planning import plan
 from .plugins import registry
 from .report import ConversionReport, Step
 from .writer import refuse_overwriting_inputs, write_directory, write_safetensors
-
-PROVENANCE_VERSION = "1"
 
 
 def _format(name: str) -> Format:
@@ -89,24 +87,13 @@ def load(
         adapters = fmt.read_path(path, context)
     else:
         header = open_header(path, allow_pickle=allow_pickle)
-        try:
+        with temporaries_removed([header]):
             fmt = _format(format) if format else sniff_format(header)
             adapters = fmt.read(header, context)
-            release_temporary(header, adapters)
-        finally:
-            if header.temporary:
-                header.path.unlink(missing_ok=True)
     adapters.provenance.path = str(path)
     if warnings is not None:
         warnings.extend(context.warnings)
     return adapters
-
-
-def release_temporary(header: Header, adapters: AdapterSet) -> None:
-    """Open every source now, so a temporary file can be deleted while its bytes stay readable."""
-    if header.temporary:
-        for source in adapters.sources:
-            source.open()
 
 
 def _options(fmt: Format, options: dict[str, Any] | None) -> BaseModel | None:

@@ -22,6 +22,7 @@ from .families import Family
 from .format_choice import FormatChoice
 from .formats import Format
 from .header import Header, parse_header
+from .pickles import temporaries_removed
 from .plugins import registry
 from .summary import summarise
 
@@ -66,12 +67,8 @@ def detect_headers(
 
         headers = [open_header(path, allow_pickle=allow_pickle)]
         choice = format_choice.for_header(headers[0])
-    try:
+    with temporaries_removed(headers):
         return _detect(choice, str(source), read_alphas), headers
-    finally:
-        for header in headers:
-            if header.temporary:  # a pickle re-written as safetensors for reading
-                header.path.unlink(missing_ok=True)
 
 
 def header_from_bytes(raw: bytes) -> Header:

@@ -117,8 +117,11 @@ class Format:
     def read_path(self, path: Path, context: ReadContext) -> AdapterSet:
         """For directory formats: build the canonical form from all parts of the directory."""
         from .assemble import assemble_parts
+        from .pickles import temporaries_removed
 
-        return assemble_parts(self, self.parts(path, context), context, where=path)
+        parts = self.parts(path, context)
+        with temporaries_removed(header for header, _ in parts):  # unpickled copies, if any
+            return assemble_parts(self, parts, context, where=path)
 
     def read(self, header: Header, context: ReadContext) -> AdapterSet:
         """Build the canonical form. The default resolves `parse` against the families."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InvalidFileError, LoraFormatsError, UnsupportedError
@@ -64,3 +66,18 @@ def to_safetensors(path: Path) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return Path(temp)
+
+
+@contextmanager
+def temporaries_removed(headers: Iterable) -> Iterator[None]:
+    """Delete the temporary safetensors copies behind `headers` when the block ends, however it ends.
+
+    Readers open their sources on temporary files at once (see `assemble`), so the bytes stay
+    readable through the open descriptor after the file is gone."""
+    headers = list(headers)
+    try:
+        yield
+    finally:
+        for header in headers:
+            if getattr(header, "temporary", False):
+                header.path.unlink(missing_ok=True)

@@ -175,20 +175,6 @@ class PeftFormat(Format):
             raise InvalidFileError(f"no PEFT adapter ({CONFIG}) found", path=path)
         return found
 
-    def read_path(self, path: Path, context: ReadContext) -> AdapterSet:
-        from loraformats.assemble import assemble_parts
-
-        found = self.parts(path, context)
-        try:
-            adapters = assemble_parts(self, found, context, where=path)
-            for source in adapters.sources:
-                source.open()  # before temporary (unpickled) copies are removed
-        finally:
-            for header, _ in found:
-                if header.temporary:
-                    header.path.unlink(missing_ok=True)
-        return adapters
-
     # ---------------------------------------------------------------- config
 
     def _config(self, header: Header) -> LoraConfigFields | LycorisConfigFields | None:
