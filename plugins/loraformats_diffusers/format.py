@@ -31,7 +31,7 @@ from loraformats.header import Header
 from loraformats.jsontext import parse_json
 from loraformats.report import Step
 from loraformats.tensors import MemoryTensor, TensorData
-from loraformats_peft.config import LoraConfigFields, build_config, checked, module_settings
+from loraformats_peft.config import LoraConfigFields, build_config, module_settings
 from loraformats_peft.keys import (
     ALPHAS_KEY,
     alpha_notes,
@@ -196,47 +196,19 @@ class DiffusersFormat(Format):
         return ParsedFile(list(grouped.values()), unsupported)
 
     def _configs(self, header: Header) -> dict[str, LoraConfigFields]:
-        """The per-component LoraConfigs of `lora_adapter_metadata` (cached on the header)."""
-        cached = getattr(header, "_diffusers_configs", None)
-        if cached is not None:
-            return cached
-        configs: dict[str, LoraConfigFields] = {}
-        if METADATA_KEY in header.metadata:
-            try:
-                flat = parse_json(header.metadata[METADATA_KEY])
-                grouped: dict[str, dict] = {}
-                for key, value in flat.items():
-                    component, _, field = key.partition(".")
-                    grouped.setdefault(component if field else "", {})[field or component] = value
-                configs = {c: LoraConfigFields.model_validate(v) for c, v in grouped.items()}
-            except (ValueError, AttributeError) as error:  # bad JSON, a non-object, or a ValidationError
-                message = f"{METADATA_KEY} is not a valid LoraConfig: {str(error).splitlines()[0]}"
-                raise InvalidFileError(message, path=header.path) from None
-        for component, config in configs.items():
-            checked(config, f"{header.path} ({component})")
-        header._diffusers_configs = configs  # type: ignore[attr-defined]
-        return configs
+        """The per-component LoraConfigs of the header's `lora_adapter_metadata`."""
+        text = header.metadata.get(METADATA_KEY)
+        try:
+            return {} if text is None else configs_of(text)
+        except (InvalidFileError, UnsupportedError) as error:  # the same refusal, naming this file
+            raise type(error)(error.message, path=header.path) from None
 
     def module_extras(
         self, header: Header, component: Component, path: str, roles: dict[str, TensorData]
     ) -> dict[str, Any]:
-        configs = self._configs(header)
-        config = configs.get(component.name) or configs.get("")
-        if config is None or "alpha" in roles:
+        if "alpha" in roles:
             return {}
-        if config.use_dora and "magnitude" not in roles:
-            raise UnsupportedError(
-                f"{component.name}.{path}: use_dora without lora_magnitude_vector "
-                "(PEFT would derive it from the base weights)",
-                path=header.path,
-            )
-        spellings = [path] + [path[len(a) :] for a in component.path_aliases if path.startswith(a)]
-        where = f"{header.path}: {component.name}.{path}"
-        settings = module_settings(config, spellings, roles["down"].shape[0], where)
-        return {
-            "alpha": MemoryTensor(_f32(settings["alpha"]), "F32", ()),
-            "rank_scaling": settings["rank_scaling"],
-        }
+        return module_extras_of(self._configs(header), component, path, roles, str(header.path))
 
     def finish_read(self, adapters: AdapterSet, header: Header, context: ReadContext) -> None:
         restore_alphas(adapters, header, context)
@@ -335,24 +307,14 @@ class DiffusersFormat(Format):
         """True if the metadata we carry already states every module's rank and scale exactly."""
         if METADATA_KEY not in adapters.metadata:
             return False
-        probe = Header(
-            path=adapters.provenance.path,
-            metadata={METADATA_KEY: adapters.metadata[METADATA_KEY]},
-            tensors={},
-            data_start=0,
-        )  # type: ignore[arg-type]
         try:
+            configs = configs_of(adapters.metadata[METADATA_KEY])
             for (component, path), lora in loras.items():
                 roles = {"down": lora.down}
                 if isinstance(adapters.modules[(component, path)], DoRA):
                     roles["magnitude"] = lora.down
-                extras = self.module_extras(probe, adapters.component(component), path, roles)
-                if not extras:
-                    return False
-                if (
-                    LoRA(lora.down, lora.up, None, extras["alpha"], extras["rank_scaling"]).scale
-                    != lora.scale
-                ):
+                extras = module_extras_of(configs, adapters.component(component), path, roles, "")
+                if not extras or LoRA(lora.down, lora.up, None, **extras).scale != lora.scale:
                     return False
         except (InvalidFileError, UnsupportedError):
             return False
@@ -370,6 +332,45 @@ class DiffusersFormat(Format):
             for field, value in build_config(modules, component.path_aliases, use_dora=dora).items():
                 flat[f"{name}.{field}"] = value
         return json.dumps(flat, indent=2, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def configs_of(text: str) -> dict[str, LoraConfigFields]:
+    """`lora_adapter_metadata` ("unet.r": 4, ...) as a LoraConfig per component ("" if unprefixed)."""
+    try:
+        flat = parse_json(text)
+        grouped: dict[str, dict] = {}
+        for key, value in flat.items():
+            component, _, field = key.partition(".")
+            grouped.setdefault(component if field else "", {})[field or component] = value
+        configs = {c: LoraConfigFields.model_validate(v) for c, v in grouped.items()}
+    except (ValueError, AttributeError) as error:  # bad JSON, a non-object, or a ValidationError
+        first = str(error).splitlines()[0]
+        raise InvalidFileError(f"{METADATA_KEY} is not a valid LoraConfig: {first}") from None
+    for component, config in configs.items():
+        problem = config.refusal()
+        if problem:
+            raise UnsupportedError(f"{component or METADATA_KEY}: {problem}")
+    return configs
+
+
+def module_extras_of(
+    configs: dict[str, LoraConfigFields], component: Component, path: str, roles: dict, where: str
+) -> dict[str, Any]:
+    """alpha and rank scaling the configs give one module (nothing if no config covers it)."""
+    config = configs.get(component.name) or configs.get("")
+    if config is None:
+        return {}
+    if config.use_dora and "magnitude" not in roles:
+        raise UnsupportedError(
+            f"{component.name}.{path}: use_dora without lora_magnitude_vector "
+            "(PEFT would derive it from the base weights)",
+            path=where or None,
+        )
+    spellings = [path] + [path[len(a) :] for a in component.path_aliases if path.startswith(a)]
+    settings = module_settings(config, spellings, roles["down"].shape[0], f"{where}: {component.name}.{path}")
+    alpha = MemoryTensor(_f32(settings["alpha"]), "F32", ())
+    return {"alpha": alpha, "rank_scaling": settings["rank_scaling"]}
 
 
 def _check_dora_per_component(adapters: AdapterSet) -> None:
