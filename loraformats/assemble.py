@@ -12,13 +12,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .adapters import ALGORITHMS, Adapter
+from .adapters import ALGORITHMS, Adapter, Exactness
 from .canonical import AdapterSet, ModuleKey, Provenance
 from .errors import InvalidFileError, UnsupportedError, UsageError
 from .families import Component, Family, Layer
 from .formats import Format, ParsedFile, ParsedModule, ReadContext
+from .fusion import inverse, reorder_rows
 from .header import Header
 from .jsontext import parse_json
+from .report import Step
 from .tensors import FileTensor, SourceFile
 
 #: Header entries loraformats itself writes; all live under this prefix.
@@ -225,6 +227,7 @@ def assemble_parts(
     modules: dict[ModuleKey, Adapter] = {}
     origin: dict[ModuleKey, str] = {}
     used: dict[tuple[bool, str], Counter] = {}  # (flat?, component) -> namings seen
+    reordered = 0
     for match in resolution.matches:
         header = headers[id(part_of[id(match.module)])]
         key = (match.component.name, match.path)
@@ -241,7 +244,15 @@ def assemble_parts(
         }
         extras = fmt.module_extras(header, match.component, match.path, roles)
         adapter = ALGORITHMS[match.module.algorithm].from_roles(roles, extras)
-        adapter.check(match.component.modules[match.path], match.module.key)
+        layer = match.component.modules[match.path]
+        adapter.check(layer, match.module.key)
+        order = match.component.row_order(match.path, match.naming)
+        if order is not None:  # this naming orders the output rows differently (shift/scale halves)
+            try:
+                adapter = reorder_rows(adapter, inverse(order), layer)
+            except UnsupportedError as refusal:
+                raise UnsupportedError(f"{match.module.key}: {refusal.message}", path=where) from None
+            reordered += 1
         modules[key], origin[key] = adapter, match.module.key
         used.setdefault((match.module.flat, match.component.name), Counter())[match.naming] += 1
     namings = {"flat": {}, "dotted": {}}
@@ -264,6 +275,16 @@ def assemble_parts(
         provenance=Provenance(fmt.name, str(where), namings["flat"], namings["dotted"]),
         sources=list(sources.values()),
     )
+    if reordered:
+        adapters.provenance.steps.append(
+            Step(
+                stage="read",
+                name="reorder rows",
+                exactness=Exactness.IDENTICAL,
+                modules=reordered,
+                detail="output rows put in canonical order (e.g. shift/scale halves swapped)",
+            )
+        )
     for header, _ in parts:
         fmt.finish_read(adapters, header, context)
     return adapters

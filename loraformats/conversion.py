@@ -163,6 +163,7 @@ def convert(
             allow_lossy=allow_lossy or rank is not None or max_error is not None,
             rank=rank,
             max_error=max_error,
+            options=write_options,
         )
         lowered = planned.adapters
         steps += planned.steps

@@ -62,7 +62,15 @@ class ComponentHint:
 
 @dataclass
 class Component:
-    """One model of a pipeline (UNet, a text encoder) and the modules adapters may target."""
+    """One model of a pipeline (UNet, transformer, a text encoder) and the modules adapters may target.
+
+    `modules` is keyed by canonical path (the diffusers/transformers module names) and also holds
+    each fused group: a module some other naming has where the canonical model has several (BFL's
+    `img_attn.qkv` for `to_q`, `to_k`, `to_v`), whose outputs are its members' outputs stacked in
+    order. A naming names either a group or its members, never both. `row_orders` gives, per
+    naming, modules whose output rows that naming orders differently (BFL's shift/scale halves),
+    as the canonical row ranges in that naming's order.
+    """
 
     name: str
     role: str  # "denoiser" or "text_encoder"
@@ -71,18 +79,50 @@ class Component:
     namings: dict[str, dict[str, str]] = field(default_factory=dict)
     flat_naming: str = CANONICAL
     path_aliases: tuple[str, ...] = ()
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    row_orders: dict[str, dict[str, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
+    #: The naming of the model's original checkpoints (LDM, BFL, MMDiT), which ComfyUI-style files use.
+    native_naming: str = CANONICAL
+    #: What the encoder is (`clip_l`, `clip_g`, `t5xxl`): how pipelines that key encoders by model name
+    #: (ComfyUI's `text_encoders.clip_l.`) find it.
+    encoder: str | None = None
+    #: The numbers Kohya-style `lora_teN_` prefixes give this encoder; the first is written, all are read.
+    slots: tuple[int, ...] = ()
 
     def name_in(self, path: str, naming: str) -> str:
-        return path if naming == CANONICAL else self.namings[naming][path]
+        if naming == CANONICAL:
+            if path in self.groups:
+                raise KeyError(f"{path} is a fused group, which the canonical naming has no name for")
+            return path
+        return self.namings[naming][path]
+
+    def nameable(self, path: str, naming: str) -> bool:
+        """Whether `naming` has a name for the module or group at `path`."""
+        if naming == CANONICAL:
+            return path in self.modules and path not in self.groups
+        return path in self.namings.get(naming, {})
 
     def naming_names(self) -> list[str]:
         return [CANONICAL, *self.namings]
+
+    def named_paths(self, naming: str) -> list[str]:
+        if naming == CANONICAL:
+            return [path for path in self.modules if path not in self.groups]
+        return list(self.namings[naming])
+
+    @cached_property
+    def group_of(self) -> dict[str, str]:
+        """Member path -> the fused group it belongs to."""
+        return {member: group for group, members in self.groups.items() for member in members}
+
+    def row_order(self, path: str, naming: str) -> tuple[tuple[int, int], ...] | None:
+        return self.row_orders.get(naming, {}).get(path)
 
     @cached_property
     def _dotted_index(self) -> dict[str, tuple[str, str]]:
         index: dict[str, tuple[str, str]] = {}
         for naming in reversed(self.naming_names()):
-            for path in self.modules:
+            for path in self.named_paths(naming):
                 name = self.name_in(path, naming)
                 index[name] = (path, naming)
                 for alias in self.path_aliases:
@@ -94,7 +134,7 @@ class Component:
     def _flat_index(self) -> dict[str, tuple[str, str]]:
         index: dict[str, tuple[str, str]] = {}
         for naming in self.naming_names():
-            for path in self.modules:
+            for path in self.named_paths(naming):
                 flat = self.name_in(path, naming).replace(".", "_")
                 previous = index.get(flat)
                 if previous and previous[0] != path:
@@ -117,15 +157,42 @@ class Component:
 
     @classmethod
     def from_spec(cls, name: str, spec: Mapping[str, Any]) -> Component:
+        tables = {path: Layer.from_spec(entry) for path, entry in spec["modules"].items()}
+        groups = {group: tuple(members) for group, members in spec.get("groups", {}).items()}
+        modules: dict[str, Layer] = {}
+        firsts = {members[0]: group for group, members in groups.items()}
+        for path, layer in tables.items():
+            if path in firsts:  # a group sits just before its first member, in model order
+                modules[firsts[path]] = fused_layer([tables[m] for m in groups[firsts[path]]])
+            modules[path] = layer
         return cls(
             name=name,
             role=spec["role"],
             slot=spec.get("slot"),
-            modules={path: Layer.from_spec(entry) for path, entry in spec["modules"].items()},
+            modules=modules,
             namings={key: dict(table) for key, table in spec.get("namings", {}).items()},
             flat_naming=spec.get("flat_naming", CANONICAL),
             path_aliases=tuple(spec.get("path_aliases", ())),
+            groups=groups,
+            row_orders={
+                naming: {path: tuple(tuple(r) for r in ranges) for path, ranges in table.items()}
+                for naming, table in spec.get("row_orders", {}).items()
+            },
+            native_naming=spec.get("native_naming", spec.get("flat_naming", CANONICAL)),
+            encoder=spec.get("encoder"),
+            slots=tuple(spec.get("slots", [spec["slot"]] if spec.get("slot") is not None else [])),
         )
+
+
+def fused_layer(members: list[Layer]) -> Layer:
+    """The layer of a fused group: the members' shared input, their outputs stacked."""
+    first = members[0]
+    if any(
+        (m.kind, m.in_features, m.kernel) != (first.kind, first.in_features, first.kernel) for m in members
+    ):
+        raise ValueError("the members of a fused group must share kind, inputs and kernel")
+    layer = Layer(first.kind, first.in_features, sum(m.out_features for m in members), first.kernel)
+    return _LAYERS.setdefault(layer, layer)
 
 
 class Family:
@@ -169,7 +236,7 @@ class Family:
             return list(self.components.values())
         candidates = [c for c in self.components.values() if c.role == hint.role]
         if hint.slot is not None:
-            return [c for c in candidates if c.slot == hint.slot]
+            return [c for c in candidates if hint.slot in c.slots]
         return sorted(candidates, key=lambda c: c.slot or 0)[:1]
 
     def text_encoders(self) -> list[Component]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
-from .families import Component, ComponentHint
+from .families import CANONICAL, Component, ComponentHint
 from .header import Header
 
 if TYPE_CHECKING:
@@ -137,6 +137,12 @@ class Format:
 
     def finish_read(self, adapters: AdapterSet, header: Header, context: ReadContext) -> None:
         """Apply format-specific facts after assembly (e.g. undo a documented fold)."""
+
+    def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
+        """The family naming this format writes `component`'s modules in. The planner splits or
+        fuses fused groups and reorders rows so that every module has a name there. Default: the
+        canonical (diffusers) naming."""
+        return CANONICAL
 
     def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
         """Render the adapter set as tensors and metadata; report every step taken."""

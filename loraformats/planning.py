@@ -13,11 +13,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
 from .adapters import Adapter, Exactness, LoRA
 from .canonical import AdapterSet, ModuleKey
 from .errors import LoraFormatsError, UnsupportedError, UsageError
 from .families import Layer
 from .formats import Format
+from .layout import lay_out
 from .report import Approximation, ModuleApproximation, Step
 from .transforms import SvdCompress, Transform, inner_of
 
@@ -55,8 +58,10 @@ def plan(
     allow_lossy: bool = False,
     rank: int | None = None,
     max_error: float | None = None,
+    options: BaseModel | None = None,
 ) -> Plan:
-    """Lower every module of `adapters` for `target`; compress first when a rank or error bound is asked."""
+    """Lower every module of `adapters` for `target`: compress first when a rank or error bound is
+    asked, then lay the modules out in the target's naming (fused groups), then remove features."""
     steps: list[Step] = []
     modules = dict(adapters.modules)
     approximation = None
@@ -65,6 +70,20 @@ def plan(
         if step is not None:
             steps.append(step)
     edges = list(transforms.values())
+
+    def reexpress(adapter: Adapter, layer: Layer, features: frozenset[str]):
+        route = best_route(adapter, layer, features, edges, allow_lossy)
+        if route is None:
+            return None
+        for transform in route:
+            adapter = transform.apply(adapter, layer)
+        return adapter, route
+
+    compressed = AdapterSet(
+        adapters.family, modules, adapters.metadata, adapters.provenance, adapters.sources
+    )
+    modules, layout_steps = lay_out(compressed, target, options, reexpress)
+    steps += layout_steps
     taken: Counter[str] = Counter()
     routes: dict[ModuleKey, list[str]] = {}
     lowered = {}

@@ -88,7 +88,17 @@ class TensorData(ABC):
             return struct.unpack("<f", b"\x00\x00" + data)[0]
         return float(struct.unpack(_SCALAR_FORMATS[self.dtype], data)[0])
 
+    def rows(self, start: int, stop: int) -> TensorData:
+        """Rows [start, stop) of the first axis (row-major, so a byte range of the tensor)."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of a tensor with {self.shape[0]} rows")
+        if (start, stop) == (0, self.shape[0]):
+            return self
+        return RowsTensor(self, start, stop)
+
     def same_bytes(self, other: TensorData) -> bool:
+        if other is self:
+            return True
         return (
             self.dtype == other.dtype
             and self.shape == other.shape
@@ -143,12 +153,97 @@ class FileTensor(TensorData):
             remaining -= copied
             offset += copied
 
-    def rows(self, start: int, stop: int) -> FileTensor:
-        """Rows [start, stop) of the first axis: still a contiguous byte range."""
+    def rows(self, start: int, stop: int) -> TensorData:
+        """Rows [start, stop) of the first axis: still a contiguous byte range of the file."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of a tensor with {self.shape[0]} rows")
         row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
         return FileTensor(
             self.source, self.offset + start * row_bytes, self.dtype, (stop - start, *self.shape[1:])
         )
+
+    def same_bytes(self, other: TensorData) -> bool:
+        if (
+            isinstance(other, FileTensor)
+            and other.source is self.source
+            and (other.offset, other.dtype, other.shape) == (self.offset, self.dtype, self.shape)
+        ):
+            return True
+        return super().same_bytes(other)
+
+
+class RowsTensor(TensorData):
+    """Rows [start, stop) of another tensor (file tensors slice their byte range instead)."""
+
+    def __init__(self, base: TensorData, start: int, stop: int) -> None:
+        self.base, self.start, self.stop = base, start, stop
+        self.dtype, self.shape = base.dtype, (stop - start, *base.shape[1:])
+
+    def read_bytes(self) -> bytes:
+        row_bytes = self.base.nbytes // self.base.shape[0]
+        return self.base.read_bytes()[self.start * row_bytes : self.stop * row_bytes]
+
+
+class ConcatRows(TensorData):
+    """Tensors of one dtype and trailing shape stacked along the first axis; written part by part."""
+
+    def __init__(self, parts: list[TensorData]) -> None:
+        first = parts[0]
+        if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
+            raise ValueError("stacked tensors must share dtype and trailing shape")
+        self.parts, self.dtype = parts, first.dtype
+        self.shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+
+    def read_bytes(self) -> bytes:
+        return b"".join(part.read_bytes() for part in self.parts)
+
+    def write_to(self, fd: int) -> None:
+        for part in self.parts:
+            part.write_to(fd)
+
+
+class Zeros(TensorData):
+    """A tensor of zeros (every dtype encodes zero as zero bytes), written without allocating it whole."""
+
+    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+        self.dtype, self.shape = dtype, tuple(shape)
+
+    def read_bytes(self) -> bytes:
+        return bytes(self.nbytes)
+
+    def write_to(self, fd: int) -> None:
+        remaining = self.nbytes
+        while remaining:
+            size = min(remaining, _CHUNK)
+            _write_all(fd, bytes(size))
+            remaining -= size
+
+
+class BlockDiagonal(TensorData):
+    """Matrices (rows_i, cols_i) placed on the diagonal of a zero matrix (sum rows, sum cols):
+    the up factor of LoRAs fused at their summed rank. Trailing singleton axes (1x1 conv ups) kept."""
+
+    def __init__(self, blocks: list[TensorData]) -> None:
+        first = blocks[0]
+        if any(b.dtype != first.dtype or b.shape[2:] != first.shape[2:] for b in blocks):
+            raise ValueError("diagonal blocks must share dtype and trailing shape")
+        if prod(first.shape[2:]) != 1:
+            raise ValueError("only matrices (or 1x1 kernels) can be placed on a diagonal")
+        self.blocks, self.dtype = blocks, first.dtype
+        self.shape = (sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks), *first.shape[2:])
+
+    def read_bytes(self) -> bytes:
+        import numpy as np
+
+        item = DTYPE_SIZES[self.dtype]
+        out = np.zeros((self.shape[0], self.shape[1] * item), dtype=np.uint8)
+        row = col = 0
+        for block in self.blocks:
+            rows, cols = block.shape[0], block.shape[1] * item
+            data = np.frombuffer(block.read_bytes(), dtype=np.uint8).reshape(rows, cols)
+            out[row : row + rows, col : col + cols] = data
+            row, col = row + rows, col + cols
+        return out.tobytes()
 
 
 class ReshapedTensor(TensorData):

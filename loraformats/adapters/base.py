@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import InvalidFileError
+from ..errors import InvalidFileError, UnsupportedError
 from ..families import Layer
 from ..tensors import TensorData
 
@@ -68,6 +68,12 @@ class Adapter(ABC):
     def delta(self, layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W' - W, for additive adapters only (default float64)."""
         raise NotImplementedError(f"{self.algorithm} depends on the base weight; use apply()")
+
+    def rows(self, start: int, stop: int) -> Adapter:
+        """The adapter of output rows [start, stop) alone, exactly, sharing this one's tensors (how a
+        fused `qkv` splits into `to_q`, `to_k`, `to_v`). Raises `UnsupportedError` with the reason
+        when these tensors cannot express it; callers may re-express the adapter first."""
+        raise UnsupportedError(f"{self.algorithm} cannot be split by output rows")
 
     def bias_delta(self, layer: Layer) -> torch.Tensor | None:
         """b' - b in float64 for adapters that also change the layer's bias (full `diff_b`, norm

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import InvalidFileError
+from ..errors import InvalidFileError, UnsupportedError
 from ..families import Layer
 from ..tensors import TensorData
 from .base import Adapter
@@ -101,6 +101,13 @@ class DoRA(Adapter):
     @property
     def dtype(self) -> str:
         return self.inner.dtype
+
+    def rows(self, start: int, stop: int) -> DoRA:
+        """An output-axis DoRA normalises each row on its own, so rows split exactly; an input-axis one
+        normalises columns over every row of the module, which no split preserves."""
+        if self.axis != "output" or self.magnitude.shape[0] == 1 < prod(self.magnitude.shape):
+            raise UnsupportedError("an input-axis DoRA normalises whole columns; it cannot be split by rows")
+        return DoRA(self.inner.rows(start, stop), self.magnitude.rows(start, stop), self.axis)
 
     def apply(self, weight: torch.Tensor, layer: Layer) -> torch.Tensor:
         import torch

@@ -42,6 +42,10 @@ class Full(Adapter):
     def dtype(self) -> str:
         return self.diff.dtype
 
+    def rows(self, start: int, stop: int) -> Full:
+        bias = self.diff_b.rows(start, stop) if self.diff_b is not None else None
+        return Full(self.diff.rows(start, stop), bias)
+
     def delta(self, layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
         import torch
 

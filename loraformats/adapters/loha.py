@@ -15,10 +15,11 @@ trainers ((O, r, 1, 1), (r, I, kh, kw)) are accepted and kept as stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
+from ..errors import UnsupportedError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
@@ -72,6 +73,13 @@ class LoHa(Adapter):
     @property
     def dtype(self) -> str:
         return self.hada_w1_a.dtype
+
+    def rows(self, start: int, stop: int) -> LoHa:
+        """Rows of both products come from the rows of their output factors alone."""
+        if self.tucker:
+            raise UnsupportedError("a Tucker LoHa keeps its output factors transposed; it cannot be split")
+        w1_a, w2_a = self.hada_w1_a.rows(start, stop), self.hada_w2_a.rows(start, stop)
+        return replace(self, hada_w1_a=w1_a, hada_w2_a=w2_a)
 
     def halves(self, layer: Layer, dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
         """(U_n, V_n) with P_n = U_n @ V_n flattened to (O, I·kh·kw), for n = 1, 2 (float64, unscaled)."""

@@ -14,11 +14,11 @@ When *both* factors are full the tools disagree, so the convention is a field:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import InvalidFileError
+from ..errors import InvalidFileError, UnsupportedError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
@@ -82,6 +82,22 @@ class LoKr(Adapter):
         if self.full and self.convention == "peft" and self.scale != 1.0:
             features.add("lokr.scaled_full")  # only PEFT can state a scale on two full factors
         return frozenset(features)
+
+    def rows(self, start: int, stop: int) -> LoKr:
+        """kron(w1, w2) rows [start, stop) are kron(w1 rows, w2) when both ends are multiples of w2's
+        row count; other splits cut through Kronecker blocks (re-express as LoRA first)."""
+        w2 = self.lokr_w2 if self.lokr_w2 is not None else self.lokr_w2_a
+        if self.lokr_t2 is not None or w2 is None:
+            raise UnsupportedError("a Tucker LoKr cannot be split by output rows")
+        block = w2.shape[0]
+        if start % block or stop % block:
+            raise UnsupportedError(
+                f"rows [{start}, {stop}) cut through LoKr's Kronecker blocks of {block} rows"
+            )
+        if self.lokr_w1 is not None:
+            return replace(self, lokr_w1=self.lokr_w1.rows(start // block, stop // block))
+        assert self.lokr_w1_a is not None
+        return replace(self, lokr_w1_a=self.lokr_w1_a.rows(start // block, stop // block))
 
     @property
     def dtype(self) -> str:

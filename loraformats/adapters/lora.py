@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -58,6 +58,10 @@ class LoRA(Adapter):
     @property
     def dtype(self) -> str:
         return self.up.dtype
+
+    def rows(self, start: int, stop: int) -> LoRA:
+        """Down (and mid) shared whole, up sliced: the rank and scale stay the same."""
+        return replace(self, up=self.up.rows(start, stop))
 
     def low_rank(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
         """scale * up (out, r) and (mid x) down flattened to (r, in * kh * kw), in float64."""

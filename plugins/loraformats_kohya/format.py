@@ -178,7 +178,7 @@ class KohyaFormat(Format):
     def prefix(family: Family, component: Component) -> str:
         if component.role == "denoiser":
             return "lora_unet"
-        return "lora_te" if len(family.text_encoders()) == 1 else f"lora_te{component.slot}"
+        return "lora_te" if len(family.text_encoders()) == 1 else f"lora_te{component.slots[0]}"
 
     def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
         options = options or KohyaOptions()
@@ -190,7 +190,7 @@ class KohyaFormat(Format):
             if not isinstance(adapter, LoRA):
                 raise UnsupportedError(f"kohya cannot hold {module.algorithm} ({component_name}:{path})")
             component = adapters.component(component_name)
-            naming = namings.get(component_name) or self._naming(adapters, component, options)
+            naming = namings.get(component_name) or self.naming(adapters, component, options)
             namings[component_name] = naming
             flat = component.name_in(path, naming).replace(".", "_")
             stem = f"{self.prefix(adapters.family, component)}_{flat}"
@@ -228,8 +228,10 @@ class KohyaFormat(Format):
             )
         return Encoded(tensors, self._metadata(adapters, tensors), steps)
 
-    @staticmethod
-    def _naming(adapters: AdapterSet, component: Component, options: KohyaOptions) -> str:
+    def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
+        """The `naming` option, else the source's, else the family's Kohya naming (LDM for SDXL, BFL
+        for Flux)."""
+        options = options if isinstance(options, KohyaOptions) else KohyaOptions()
         naming = options.naming or adapters.provenance.namings.get(component.name) or component.flat_naming
         if naming not in component.naming_names():
             if options.naming and component.role == "text_encoder":

@@ -180,7 +180,7 @@ class LycorisFormat(KohyaFormat):
         rescaled = added_alphas = 0
         for (component_name, path), module in adapters.modules.items():
             component = adapters.component(component_name)
-            naming = namings.get(component_name) or self._naming(adapters, component, options)
+            naming = namings.get(component_name) or self.naming(adapters, component, options)
             namings[component_name] = naming
             flat = component.name_in(path, naming).replace(".", "_")
             stem = f"{self._prefix(adapters, component, options)}_{flat}"
