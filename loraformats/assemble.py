@@ -172,6 +172,14 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
     fitting = [r for r in resolutions if r.fits]
     if len(fitting) == 1:
         return fitting[0]
+    if fitting and all(_same_modules(fitting[0], other) for other in fitting[1:]):
+        # e.g. an SDXL LoRA of its second text encoder alone, which SD3 shares: any choice reads and
+        # writes the same modules under the same names, so the output cannot depend on it
+        names = ", ".join(r.family.name for r in fitting)
+        context.warnings.append(
+            f"every module fits {names} with the same names and shapes; read as {fitting[0].family.name}"
+        )
+        return fitting[0]
     if fitting:
         names = ", ".join(r.family.name for r in fitting)
         raise UnsupportedError(
@@ -184,6 +192,18 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
         f"no installed family knows every module; closest is {closest.family.name}: {closest.summary()}",
         path=where,
     )
+
+
+def _same_modules(a: Resolution, b: Resolution) -> bool:
+    """Whether two families resolve every module to the same component, path, naming and layer."""
+
+    def seen(resolution: Resolution) -> list[tuple]:
+        return sorted(
+            (m.module.key, m.component.name, m.path, m.naming, m.component.modules[m.path])
+            for m in resolution.matches
+        )
+
+    return seen(a) == seen(b)
 
 
 def check_coverage(parsed: ParsedFile, header: Header) -> None:

@@ -129,6 +129,66 @@ OPENCLIP_BIGG: dict[str, Any] = {
     "hidden_act": "gelu",
 }
 
+#: Google T5 v1.1 XXL's encoder, as Flux and SD3 ship it (`text_encoder_2` / `text_encoder_3`).
+T5_XXL: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": False,
+    "use_cache": False,
+}
+
+# --- DiT denoisers (diffusers FluxTransformer2DModel / SD3Transformer2DModel configs) -----------
+
+#: black-forest-labs/FLUX.1-dev (schnell lacks the guidance embedder; Kontext shares dev's layout).
+FLUX1_DEV: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+}
+
+#: stabilityai/stable-diffusion-3-medium-diffusers
+SD3_MEDIUM: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+}
+#: stabilityai/stable-diffusion-3.5-medium: MMDiT-X, a second self-attention in blocks 0-12.
+SD35_MEDIUM: dict[str, Any] = {
+    **SD3_MEDIUM,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+#: stabilityai/stable-diffusion-3.5-large
+SD35_LARGE: dict[str, Any] = {
+    **SD3_MEDIUM,
+    "num_layers": 38,
+    "num_attention_heads": 38,
+    "caption_projection_dim": 2432,
+    "qk_norm": "rms_norm",
+}
+
 # --- Families ----------------------------------------------------------------------------------
 
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -136,14 +196,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "label": "Stable Diffusion 1.x",
         "description": "SD 1.4/1.5 and fine-tunes: a 4-level UNet conditioned on CLIP ViT-L/14 (768).",
         "unet_config": SD15_UNET,
-        "text_encoder_configs": [(CLIP_L, False)],
+        "text_encoder_configs": [(CLIP_L, False, "clip_l")],
         "unet_flat_naming": "canonical",
     },
     "sd2": {
         "label": "Stable Diffusion 2.x",
         "description": "SD 2.0/2.1 (512 and 768-v): linear attention projections, OpenCLIP ViT-H/14 (1024).",
         "unet_config": SD21_UNET,
-        "text_encoder_configs": [(OPENCLIP_H, False)],
+        "text_encoder_configs": [(OPENCLIP_H, False, "clip_h")],
         "unet_flat_naming": "canonical",
     },
     "sdxl": {
@@ -151,7 +211,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "description": "SDXL 1.0 base and fine-tunes: a 3-level UNet with deep transformers, conditioned "
         "on CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (2048); Kohya names its UNet modules the LDM way.",
         "unet_config": SDXL_UNET,
-        "text_encoder_configs": [(CLIP_L, False), (OPENCLIP_BIGG, True)],
+        "text_encoder_configs": [(CLIP_L, False, "clip_l"), (OPENCLIP_BIGG, True, "clip_g")],
         "unet_flat_naming": "ldm",
     },
 }
@@ -167,10 +227,60 @@ def _tables() -> Any:
     return tables
 
 
+def _dit_tables() -> Any:
+    _tables()  # puts plugins/ on the path if needed
+    from loraformats_dit import tables
+
+    return tables
+
+
+def dit_families() -> dict[str, dict[str, Any]]:
+    """The DiT families' arguments to `loraformats_dit.tables.family_spec`."""
+    dit = _dit_tables()
+    clip_l = dit.clip(CLIP_L, with_projection=True, slot=1, encoder="clip_l")
+    clip_l_plain = dit.clip(CLIP_L, with_projection=False, slot=1, encoder="clip_l")
+    clip_g = dit.clip(OPENCLIP_BIGG, with_projection=True, slot=2, encoder="clip_g")
+    sd3_encoders = [clip_l, clip_g, dit.t5_component(T5_XXL, slot=3, slots=[3])]
+    mmdit = "an MMDiT conditioned on CLIP ViT-L/14, OpenCLIP ViT-bigG/14 and T5-XXL"
+    return {
+        "flux1": {
+            "label": "FLUX.1 (dev, schnell, Kontext)",
+            "description": "Black Forest Labs' FLUX.1: 19 double-stream and 38 single-stream blocks "
+            "(3072 wide), CLIP ViT-L/14 and T5-XXL. Original (BFL) checkpoints fuse q/k/v and "
+            "single-block q/k/v/MLP; Kohya numbers T5 as te3 (OneTrainer as te2).",
+            "denoiser": ("flux", FLUX1_DEV),
+            # T5 is text_encoder_2 in diffusers; sd-scripts writes lora_te3_, OneTrainer lora_te2_
+            "text_encoders": [clip_l_plain, dit.t5_component(T5_XXL, slot=2, slots=[3, 2])],
+        },
+        "sd3": {
+            "label": "Stable Diffusion 3 Medium",
+            "description": f"SD3 Medium: {mmdit}; 24 joint blocks, 1536 wide.",
+            "denoiser": ("sd3", SD3_MEDIUM),
+            "text_encoders": sd3_encoders,
+        },
+        "sd3.5-medium": {
+            "label": "Stable Diffusion 3.5 Medium",
+            "description": f"SD3.5 Medium (MMDiT-X): {mmdit}; 24 joint blocks, 1536 wide, a second "
+            "attention in blocks 0-12, RMS qk-norm.",
+            "denoiser": ("sd3", SD35_MEDIUM),
+            "text_encoders": sd3_encoders,
+        },
+        "sd3.5-large": {
+            "label": "Stable Diffusion 3.5 Large",
+            "description": f"SD3.5 Large: {mmdit}; 38 joint blocks, 2432 wide, RMS qk-norm.",
+            "denoiser": ("sd3", SD35_LARGE),
+            "text_encoders": sd3_encoders,
+        },
+    }
+
+
 def build_specs() -> dict[str, dict[str, Any]]:
     """Every family's spec, freshly generated from the model classes."""
     tables = _tables()
-    return {name: tables.family_spec(name, **family) for name, family in FAMILIES.items()}
+    specs = {name: tables.family_spec(name, **family) for name, family in FAMILIES.items()}
+    dit = _dit_tables()
+    specs.update({name: dit.family_spec(name, **family) for name, family in dit_families().items()})
+    return specs
 
 
 def render() -> dict[Path, str]:

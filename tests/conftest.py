@@ -9,7 +9,7 @@ import pytest
 
 from loraformats.hookspecs import hookimpl
 from loraformats.plugins import registry
-from tiny import TINY, tiny_family
+from tiny import TINY, tiny_dit_family, tiny_family
 
 
 class TinyFamilies:
@@ -19,6 +19,8 @@ class TinyFamilies:
     def register_families(self, register) -> None:
         for name in TINY:
             register(tiny_family(name))
+        for name in ("tiny-flux", "tiny-sd3"):
+            register(tiny_dit_family(name))
 
 
 @pytest.fixture(autouse=True, scope="session")

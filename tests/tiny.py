@@ -55,13 +55,20 @@ UNET_SDXL = {
     "norm_num_groups": 16,
 }
 
-#: name -> (UNet config, [(text-encoder config, with projection)], UNet naming Kohya uses)
-TINY: dict[str, tuple[dict, list[tuple[dict, bool]], str]] = {
-    "tiny-sd1": (UNET_SD1, [(TE_SMALL, False)], "canonical"),
-    "tiny-sd2": (UNET_SD2, [({**TE_SMALL, "hidden_size": 48, "hidden_act": "gelu"}, False)], "canonical"),
+#: name -> (UNet config, [(text-encoder config, with projection, encoder)], UNet naming Kohya uses)
+TINY: dict[str, tuple[dict, list[tuple[dict, bool, str]], str]] = {
+    "tiny-sd1": (UNET_SD1, [(TE_SMALL, False, "clip_l")], "canonical"),
+    "tiny-sd2": (
+        UNET_SD2,
+        [({**TE_SMALL, "hidden_size": 48, "hidden_act": "gelu"}, False, "clip_h")],
+        "canonical",
+    ),
     "tiny-sdxl": (
         UNET_SDXL,
-        [(TE_SMALL, False), ({**TE_SMALL, "projection_dim": 32, "hidden_act": "gelu"}, True)],
+        [
+            (TE_SMALL, False, "clip_l"),
+            ({**TE_SMALL, "projection_dim": 32, "hidden_act": "gelu"}, True, "clip_g"),
+        ],
         "ldm",
     ),
 }
@@ -99,7 +106,7 @@ def build_pipeline(name: str, seed: int = 0) -> Any:
     )
     text_encoders = [
         (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
-        for config, projection in encoders
+        for config, projection, _ in encoders
     ]
     common = {"vae": vae, "unet": unet, "scheduler": DDIMScheduler()}
     if len(text_encoders) == 2:
@@ -116,5 +123,124 @@ def build_pipeline(name: str, seed: int = 0) -> Any:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        **common,
+    )
+
+
+# --- Diffusion transformers ----------------------------------------------------------------------
+
+TINY_FLUX = {
+    "patch_size": 1,
+    "in_channels": 8,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 40,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+TINY_SD3 = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 40,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 64,
+    "out_channels": 4,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": (0,),
+    "qk_norm": "rms_norm",
+}
+T5_SMALL = {
+    "vocab_size": 1000,
+    "d_model": 40,
+    "d_kv": 8,
+    "d_ff": 37,
+    "num_layers": 2,
+    "num_heads": 4,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": False,
+    "use_cache": False,
+}
+CLIP_G_SMALL = {**TE_SMALL, "hidden_size": 48, "projection_dim": 32, "hidden_act": "gelu"}
+CLIP_L_SMALL = {**TE_SMALL, "projection_dim": 32}
+
+
+@functools.cache
+def tiny_dit_family(name: str) -> Family:
+    from loraformats_dit.tables import clip, family_spec, t5_component
+
+    if name == "tiny-flux":
+        encoders = [
+            clip(TE_SMALL, with_projection=False, slot=1, encoder="clip_l"),
+            t5_component(T5_SMALL, slot=2, slots=[3, 2]),
+        ]
+        spec = family_spec(name, name, "tiny test variant", ("flux", TINY_FLUX), encoders)
+    elif name == "tiny-sd3":
+        encoders = [
+            clip(CLIP_L_SMALL, with_projection=True, slot=1, encoder="clip_l"),
+            clip(CLIP_G_SMALL, with_projection=True, slot=2, encoder="clip_g"),
+            t5_component(T5_SMALL, slot=3, slots=[3]),
+        ]
+        spec = family_spec(name, name, "tiny test variant", ("sd3", TINY_SD3), encoders)
+    else:
+        raise KeyError(name)
+    return Family.from_spec(spec)
+
+
+def build_dit_pipeline(name: str, seed: int = 0) -> Any:
+    """A real FluxPipeline / StableDiffusion3Pipeline of the tiny family, random weights, no downloads."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[8],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+    )
+    common = {
+        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "tokenizer": None,
+        "tokenizer_2": None,
+    }
+    t5 = T5EncoderModel(T5Config(**T5_SMALL))
+    if name == "tiny-flux":
+        return FluxPipeline(
+            transformer=FluxTransformer2DModel(**TINY_FLUX),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**TE_SMALL)),
+            text_encoder_2=t5,
+            **common,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TINY_SD3),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_SMALL)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_SMALL)),
+        text_encoder_3=t5,
+        tokenizer_3=None,
         **common,
     )

@@ -196,6 +196,7 @@ def unet_component(config: Mapping[str, Any], *, flat_naming: str) -> dict[str, 
         "class": type(model).__name__,
         "config": _jsonable(config),
         "flat_naming": flat_naming,
+        "native_naming": "ldm",
         "modules": modules,
         "namings": namings,
     }
@@ -212,7 +213,9 @@ def checkpoint_path(path: str) -> str:
     return TEXT_MODEL + path
 
 
-def clip_component(config: Mapping[str, Any], *, with_projection: bool, slot: int) -> dict[str, Any]:
+def clip_component(
+    config: Mapping[str, Any], *, with_projection: bool, slot: int, encoder: str | None = None
+) -> dict[str, Any]:
     """The spec of a CLIP text encoder (`CLIPTextModel`, or `...WithProjection` for SDXL's second)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -224,6 +227,7 @@ def clip_component(config: Mapping[str, Any], *, with_projection: bool, slot: in
     spec = {
         "role": "text_encoder",
         "slot": slot,
+        **({"encoder": encoder} if encoder else {}),
         "class": model_class.__name__,
         "config": _jsonable(config),
         "flat_naming": "canonical",
@@ -243,7 +247,7 @@ def family_spec(
     label: str,
     description: str,
     unet_config: Mapping[str, Any],
-    text_encoder_configs: list[tuple[Mapping[str, Any], bool]],
+    text_encoder_configs: list[tuple[Mapping[str, Any], bool, str]],
     unet_flat_naming: str,
 ) -> dict[str, Any]:
     """A whole family spec: `unet`, then `text_encoder`, `text_encoder_2`, ... (slots 1, 2, ...)."""
@@ -251,9 +255,9 @@ def family_spec(
     import transformers
 
     components: dict[str, Any] = {"unet": unet_component(unet_config, flat_naming=unet_flat_naming)}
-    for slot, (config, with_projection) in enumerate(text_encoder_configs, start=1):
+    for slot, (config, with_projection, encoder) in enumerate(text_encoder_configs, start=1):
         key = "text_encoder" if slot == 1 else f"text_encoder_{slot}"
-        components[key] = clip_component(config, with_projection=with_projection, slot=slot)
+        components[key] = clip_component(config, with_projection=with_projection, slot=slot, encoder=encoder)
     return {
         "schema": SCHEMA,
         "family": name,

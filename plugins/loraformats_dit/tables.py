@@ -1,0 +1,280 @@
+"""Generators for the DiT family specs (Flux.1, SD3/3.5): module tables read off the real classes.
+
+The canonical paths are the diffusers/transformers module names of models built on the meta
+device. The original checkpoint namings (BFL for Flux, MMDiT for SD3) are derived from each config
+with the same rules as diffusers' own single-file converters
+(`convert_flux_transformer_checkpoint_to_diffusers`, `convert_sd3_transformer_checkpoint_to_diffusers`),
+including the fused groups (BFL's `img_attn.qkv` holds `to_q`, `to_k`, `to_v`; `linear1` holds those
+and `proj_mlp`) and the rows those checkpoints order differently (adaLN shift/scale halves). Widths
+come from the model, never from constants, so tiny test configs get correct tables too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from loraformats_sd.tables import SCHEMA, _jsonable, clip_component
+
+if TYPE_CHECKING:
+    from torch import nn
+
+GENERATOR = "scripts/generate_family_specs.py"
+
+#: Flux (BFL) names of diffusers paths, inside a double block (`transformer_blocks.N.`).
+FLUX_DOUBLE = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_qkv": "img_attn.qkv",
+    "attn.to_added_qkv": "txt_attn.qkv",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+#: ... inside a single block (`single_transformer_blocks.N.`).
+FLUX_SINGLE = {
+    "norm.linear": "modulation.lin",
+    "attn.to_qkv_mlp_proj": "linear1",
+    "proj_out": "linear2",
+}
+FLUX_TOP = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+#: Fused groups: group path (relative to its block) -> member paths, in row order.
+FLUX_DOUBLE_GROUPS = {
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+FLUX_SINGLE_GROUPS = {"attn.to_qkv_mlp_proj": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+#: SD3 (MMDiT) names inside a joint block (`transformer_blocks.N.` -> `joint_blocks.N.`).
+MMDIT_BLOCK = {
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "attn.to_qkv": "x_block.attn.qkv",
+    "attn.to_added_qkv": "context_block.attn.qkv",
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn2.to_qkv": "x_block.attn2.qkv",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+}
+MMDIT_TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "context_embedder": "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+MMDIT_GROUPS = {
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "attn2.to_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+}
+
+BLOCK = re.compile(r"^(?P<blocks>[a-z_]+)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def linear_table(model: nn.Module) -> dict[str, list]:
+    """Every Linear and Conv2d in model order. Other parameter holders must be norms (LayerNorm,
+    RMSNorm, T5's LayerNorm: `norm` entries when they have a weight) or embeddings, or it is an error."""
+    from torch import nn
+
+    table: dict[str, list] = {}
+    for path, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if isinstance(module, nn.Linear):
+            table[path] = ["linear", module.in_features, module.out_features]
+        elif isinstance(module, nn.Conv2d):
+            table[path] = ["conv2d", module.in_channels, module.out_channels, list(module.kernel_size)]
+        elif isinstance(module, nn.Embedding) or not own:
+            continue
+        elif "Norm" in type(module).__name__ and set(own) <= {"weight", "bias"} and own["weight"].dim() == 1:
+            table[path] = ["norm", own["weight"].shape[0], own["weight"].shape[0]]
+        else:
+            raise ValueError(f"{path!r} ({type(module).__name__}) holds parameters but has no spec kind")
+    return table
+
+
+def _grouped(
+    modules: dict[str, list], block_groups: Mapping[str, Mapping[str, tuple[str, ...]]]
+) -> dict[str, list[str]]:
+    """The fused groups present in `modules`: block kind -> (group -> members) applied per block."""
+    groups: dict[str, list[str]] = {}
+    blocks = {(m["blocks"], m["index"]) for path in modules if (m := BLOCK.match(path))}
+    for kind, index in sorted(blocks, key=lambda b: (b[0], int(b[1]))):
+        for group, members in block_groups.get(kind, {}).items():
+            paths = [f"{kind}.{index}.{member}" for member in members]
+            if all(path in modules for path in paths):
+                groups[f"{kind}.{index}.{group}"] = paths
+            elif any(path in modules for path in paths):
+                raise ValueError(f"{kind}.{index} has only some members of {group}")
+    return groups
+
+
+def _naming(
+    modules: dict[str, list],
+    groups: dict[str, list[str]],
+    top: Mapping[str, str],
+    blocks: Mapping[str, tuple[str, Mapping[str, str]]],
+) -> dict[str, str]:
+    """The original naming: groups by their fused name, members of groups absent."""
+    members = {m for paths in groups.values() for m in paths}
+    naming: dict[str, str] = {}
+    for path in [*modules, *groups]:
+        if path in members or modules.get(path, ["linear"])[0] == "norm":
+            continue
+        if path in top:
+            naming[path] = top[path]
+            continue
+        match = BLOCK.match(path)
+        if match is None or match["blocks"] not in blocks:
+            raise ValueError(f"{path!r} has no original name")
+        outer, table = blocks[match["blocks"]]
+        if match["rest"] not in table:
+            raise ValueError(f"{path!r} has no original name")
+        naming[path] = f"{outer}.{match['index']}.{table[match['rest']]}"
+    return naming
+
+
+def _swap_halves(out_features: int) -> list[list[int]]:
+    """Rows of a (shift, scale) layer in (scale, shift) order, or the reverse: the halves swapped."""
+    half = out_features // 2
+    return [[half, out_features], [0, half]]
+
+
+def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec of a `FluxTransformer2DModel(**config)`: diffusers paths, groups, the BFL naming."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}  # qk-norm scales: no LoRA
+    groups = _grouped(
+        modules, {"transformer_blocks": FLUX_DOUBLE_GROUPS, "single_transformer_blocks": FLUX_SINGLE_GROUPS}
+    )
+    blocks = {
+        "transformer_blocks": ("double_blocks", FLUX_DOUBLE),
+        "single_transformer_blocks": ("single_blocks", FLUX_SINGLE),
+    }
+    naming = _naming(modules, groups, FLUX_TOP, blocks)
+    return _denoiser(
+        model,
+        config,
+        modules,
+        groups,
+        "bfl",
+        naming,
+        {"norm_out.linear": _swap_halves(modules["norm_out.linear"][2])},
+    )
+
+
+def sd3_component(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec of an `SD3Transformer2DModel(**config)`: diffusers paths, groups, the MMDiT naming.
+    The last joint block is context `pre_only`: its context adaLN has two chunks, (shift, scale) in
+    the original order like the final layer's."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}
+    groups = _grouped(modules, {"transformer_blocks": MMDIT_GROUPS})
+    naming = _naming(modules, groups, MMDIT_TOP, {"transformer_blocks": ("joint_blocks", MMDIT_BLOCK)})
+    last = f"transformer_blocks.{model.config.num_layers - 1}.norm1_context.linear"
+    swaps = {path: _swap_halves(modules[path][2]) for path in ("norm_out.linear", last)}
+    return _denoiser(model, config, modules, groups, "mmdit", naming, swaps)
+
+
+def _denoiser(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    modules: dict[str, list],
+    groups: dict[str, list[str]],
+    naming_name: str,
+    naming: dict[str, str],
+    swaps: dict[str, list[list[int]]],
+) -> dict[str, Any]:
+    return {
+        "role": "denoiser",
+        "slot": None,
+        "class": type(model).__name__,
+        "config": _jsonable(config),
+        "flat_naming": naming_name,
+        "native_naming": naming_name,
+        "modules": modules,
+        "groups": groups,
+        "namings": {naming_name: naming},
+        "row_orders": {naming_name: swaps},
+    }
+
+
+def t5_component(config: Mapping[str, Any], *, slot: int, slots: list[int]) -> dict[str, Any]:
+    """The spec of a `T5EncoderModel` (T5-XXL's encoder: Flux's and SD3's third text encoder)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**config))
+    return {
+        "role": "text_encoder",
+        "slot": slot,
+        "slots": slots,
+        "encoder": "t5xxl",
+        "class": type(model).__name__,
+        "config": _jsonable(config),
+        "flat_naming": "canonical",
+        "modules": linear_table(model),
+    }
+
+
+def clip(config: Mapping[str, Any], *, with_projection: bool, slot: int, encoder: str) -> dict[str, Any]:
+    """A CLIP text encoder spec (see `loraformats_sd.tables.clip_component`) with its encoder name."""
+    return {**clip_component(config, with_projection=with_projection, slot=slot), "encoder": encoder}
+
+
+def family_spec(
+    name: str,
+    label: str,
+    description: str,
+    denoiser: tuple[str, Mapping[str, Any]],
+    text_encoders: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A DiT family: `transformer`, then `text_encoder`, `text_encoder_2`, ..."""
+    import diffusers
+    import transformers
+
+    kind, config = denoiser
+    build = {"flux": flux_component, "sd3": sd3_component}[kind]
+    components: dict[str, Any] = {"transformer": build(config)}
+    for index, spec in enumerate(text_encoders, start=1):
+        components["text_encoder" if index == 1 else f"text_encoder_{index}"] = spec
+    return {
+        "schema": SCHEMA,
+        "family": name,
+        "label": label,
+        "description": description,
+        "generated_by": GENERATOR,
+        "generated_with": {"diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "components": components,
+    }
