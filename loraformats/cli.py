@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="E",
         help="lossy: compress every module to the least rank with relative error <= E (e.g. 0.01)",
     )
+    convert.add_argument(
+        "--drop-component",
+        dest="drop",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="lossy: leave out every module of a component, e.g. text_encoder_2 (repeatable; reported)",
+    )
     convert.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     convert.add_argument("--force", action="store_true", help="replace an existing output (never the input)")
     convert.add_argument("--report", choices=["text", "json"], default="text", help="report format on stdout")
@@ -130,6 +138,7 @@ def _convert(args: argparse.Namespace) -> int:
         max_error=args.max_error,
         strict=args.strict,
         check_values=args.check_values,
+        drop=args.drop,
     )
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)

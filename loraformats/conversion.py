@@ -128,6 +128,7 @@ def convert(
     max_error: float | None = None,
     strict: bool = False,
     check_values: bool = True,
+    drop: list[str] | tuple[str, ...] = (),
 ) -> ConversionReport:
     """Convert `source` to format `to`. Returns the report; raises a `LoraFormatsError` on refusal.
 
@@ -154,6 +155,9 @@ def convert(
             detail=f"family {adapters.family.name}",
         )
         steps = [read, *adapters.provenance.steps]
+        dropped = _drop_components(adapters, target, drop)
+        if dropped:
+            steps.append(dropped)
         if check_values:
             _check_values(adapters, source, strict, warnings)
         planned = plan(
@@ -205,6 +209,36 @@ def convert(
         raise InvalidFileError(str(error), path=source) from None
     finally:
         adapters.close()
+
+
+def _drop_components(adapters: AdapterSet, target: Format, drop: list[str] | tuple[str, ...]) -> Step | None:
+    """Remove the modules of components the user drops; refuse components the target cannot hold."""
+    unknown = [name for name in drop if name not in adapters.family.components]
+    if unknown:
+        known = ", ".join(adapters.family.components)
+        raise UsageError(
+            f"--drop-component {unknown[0]}: {adapters.family.name} has no such component ({known})"
+        )
+    for name in adapters.components_used():
+        why = target.cannot_hold(adapters.component(name))
+        if why and name not in drop:
+            raise UnsupportedError(
+                f"{target.name} cannot hold {name}: {why}; pass --drop-component {name} to leave it out",
+                path=adapters.provenance.path,
+            )
+    gone = [key for key in adapters.modules if key[0] in drop]
+    if not gone:
+        return None
+    tensors = sum(len(adapters.modules[key].tensors()) for key in gone)
+    for key in gone:
+        del adapters.modules[key]
+    return Step(
+        stage="drop",
+        name="components left out",
+        exactness=Exactness.APPROXIMATE,
+        modules=len(gone),
+        detail=f"on request: every module of {', '.join(sorted({k[0] for k in gone}))} ({tensors} tensors)",
+    )
 
 
 def _check_values(adapters: AdapterSet, source: Path, strict: bool, warnings: list[str]) -> None:

@@ -88,6 +88,8 @@ class Component:
     encoder: str | None = None
     #: The numbers Kohya-style `lora_teN_` prefixes give this encoder; the first is written, all are read.
     slots: tuple[int, ...] = ()
+    #: The class the table was read from (`T5EncoderModel`), for formats whose loaders support only some.
+    model_class: str | None = None
 
     def name_in(self, path: str, naming: str) -> str:
         if naming == CANONICAL:
@@ -180,6 +182,7 @@ class Component:
             },
             native_naming=spec.get("native_naming", spec.get("flat_naming", CANONICAL)),
             encoder=spec.get("encoder"),
+            model_class=spec.get("class"),
             slots=tuple(spec.get("slots", [spec["slot"]] if spec.get("slot") is not None else [])),
         )
 

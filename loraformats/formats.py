@@ -138,6 +138,11 @@ class Format:
     def finish_read(self, adapters: AdapterSet, header: Header, context: ReadContext) -> None:
         """Apply format-specific facts after assembly (e.g. undo a documented fold)."""
 
+    def cannot_hold(self, component: Component) -> str | None:
+        """Why this format's consumers cannot load adapters of `component` at all (None: they can).
+        Conversion refuses such a component unless the user drops it (`--drop-component`)."""
+        return None
+
     def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
         """The family naming this format writes `component`'s modules in. The planner splits or
         fuses fused groups and reorders rows so that every module has a name there. Default: the

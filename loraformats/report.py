@@ -12,7 +12,7 @@ from .adapters.base import Exactness
 class Step(BaseModel):
     """One step of a conversion plan and how faithful it is."""
 
-    stage: Literal["read", "transform", "write"]
+    stage: Literal["read", "drop", "transform", "write"]
     name: str
     exactness: Exactness
     modules: int = 0

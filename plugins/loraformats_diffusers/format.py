@@ -70,6 +70,10 @@ def _hint(component: str | None) -> ComponentHint:
     return ComponentHint(name=component)
 
 
+#: Models diffusers' LoRA loader mixins have no path for (`_lora_loadable_modules` of every mixin).
+UNLOADABLE = {"T5EncoderModel": "diffusers' LoRA loaders cannot load T5 text-encoder LoRAs"}
+
+
 class DiffusersOptions(BaseModel):
     """Options for writing diffusers files."""
 
@@ -104,6 +108,11 @@ class DiffusersFormat(Format):
     metadata_schema = DiffusersMetadata
     options_schema = DiffusersOptions
     owned_metadata: ClassVar[tuple[str, ...]] = (METADATA_KEY,)
+
+    def cannot_hold(self, component: Component) -> str | None:
+        if component.model_class in UNLOADABLE:
+            return UNLOADABLE[component.model_class]
+        return None
 
     # ---------------------------------------------------------------- reading
 
