@@ -110,9 +110,10 @@ def _resolve(
     components: dict[tuple, list[Component]] = {}
     for module, signature in zip(modules, signatures, strict=True):
         hint = module.hint
-        candidates = components.get((hint.name, hint.role, hint.slot))  # cheaper than the dataclass hash
+        cache_key = (hint.name, hint.role, hint.slot, hint.encoder)  # cheaper than the dataclass hash
+        candidates = components.get(cache_key)
         if candidates is None:
-            candidates = components[(hint.name, hint.role, hint.slot)] = family.find_components(hint)
+            candidates = components[cache_key] = family.find_components(hint)
         found, problem, layer = None, None, None
         for component in candidates:
             lookup = component.resolve_flat if module.flat else component.resolve_dotted

@@ -58,6 +58,7 @@ class ComponentHint:
     name: str | None = None
     role: str | None = None
     slot: int | None = None
+    encoder: str | None = None  # what the encoder is (`clip_l`, `t5xxl`), as ComfyUI keys them
 
 
 @dataclass
@@ -235,6 +236,8 @@ class Family:
         if hint.name is not None:
             found = self.components.get(hint.name)
             return [found] if found else []
+        if hint.encoder is not None:
+            return [c for c in self.components.values() if c.encoder == hint.encoder]
         if hint.role is None:
             return list(self.components.values())
         candidates = [c for c in self.components.values() if c.role == hint.role]

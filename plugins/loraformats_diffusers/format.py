@@ -109,6 +109,13 @@ class DiffusersFormat(Format):
     options_schema = DiffusersOptions
     owned_metadata: ClassVar[tuple[str, ...]] = (METADATA_KEY,)
 
+    def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
+        """The source's spelling of diffusers-style names (e.g. transformers' runtime names of a text
+        encoder), else the canonical one; never an original checkpoint naming (LDM, BFL)."""
+        spelling = adapters.provenance.spellings.get(component.name, CANONICAL)
+        usable = spelling in component.naming_names() and spelling != component.native_naming
+        return spelling if usable else CANONICAL
+
     def cannot_hold(self, component: Component) -> str | None:
         if component.model_class in UNLOADABLE:
             return UNLOADABLE[component.model_class]
@@ -119,8 +126,8 @@ class DiffusersFormat(Format):
     @staticmethod
     def _split(tensor: str) -> tuple[str, str] | None:
         # Cheap string tests first: detection splits every name of every file it sees.
-        if tensor.startswith(("lora_", "base_model.model.")):
-            return None  # Kohya's and PEFT's own prefixes
+        if tensor.startswith(("lora_", "base_model.model.", "diffusion_model.", "text_encoders.")):
+            return None  # Kohya's, PEFT's and ComfyUI's own prefixes
         if "_lora." in tensor and LEGACY.match(tensor):
             return tensor, "down" if tensor.endswith(".down.weight") else "up"
         if tensor.endswith(LEGACY_ENDINGS):
@@ -295,8 +302,7 @@ class DiffusersFormat(Format):
         tensors: list[tuple[str, TensorData]] = []
         for key, (down, up) in factors.items():
             component = adapters.component(key[0])
-            spelling = adapters.provenance.spellings.get(key[0], CANONICAL)
-            path = component.name_in(key[1], spelling if spelling in component.naming_names() else CANONICAL)
+            path = component.name_in(key[1], self.naming(adapters, component, options))
             stem = f"{key[0]}.{path}"
             tensors += module_tensors(stem, adapters.modules[key], adapters.layer(key), down, up)
         if notes:

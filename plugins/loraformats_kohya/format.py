@@ -174,6 +174,10 @@ class KohyaFormat(Format):
         shape = magnitude.shape
         return {"magnitude_axis": "input" if len(shape) >= 2 and shape[0] == 1 and shape[1] > 1 else "output"}
 
+    def module_stem(self, family: Family, component: Component, path: str, naming: str) -> str:
+        """The key stem of a module: prefix + its name in `naming`, flattened."""
+        return f"{self.prefix(family, component)}_{component.name_in(path, naming).replace('.', '_')}"
+
     @staticmethod
     def prefix(family: Family, component: Component) -> str:
         if component.role == "denoiser":
@@ -192,8 +196,7 @@ class KohyaFormat(Format):
             component = adapters.component(component_name)
             naming = namings.get(component_name) or self.naming(adapters, component, options)
             namings[component_name] = naming
-            flat = component.name_in(path, naming).replace(".", "_")
-            stem = f"{self.prefix(adapters.family, component)}_{flat}"
+            stem = self.module_stem(adapters.family, component, path, naming)
             alpha = adapter.alpha
             if adapter.rank_scaling != "rank":  # Kohya's scale is alpha / r: carry the scale, not the rule
                 alpha, rescaled = _alpha_tensor(adapter.scale * adapter.rank), rescaled + 1
@@ -210,7 +213,7 @@ class KohyaFormat(Format):
         steps = [
             Step(
                 stage="write",
-                name="kohya names",
+                name=f"{self.name} names",
                 exactness=Exactness.IDENTICAL,
                 modules=len(adapters.modules),
                 detail=detail,
