@@ -114,9 +114,27 @@ class Component:
         return list(self.namings[naming])
 
     @cached_property
-    def group_of(self) -> dict[str, str]:
-        """Member path -> the fused group it belongs to."""
-        return {member: group for group, members in self.groups.items() for member in members}
+    def groups_of(self) -> dict[str, tuple[str, ...]]:
+        """Member path -> the fused groups it belongs to (XLabs' single-block `qkv` and BFL's
+        `linear1` share `to_q`, `to_k`, `to_v`)."""
+        found: dict[str, tuple[str, ...]] = {}
+        for group, members in self.groups.items():
+            for member in members:
+                found[member] = (*found.get(member, ()), group)
+        return found
+
+    def is_alias(self, naming: str) -> bool:
+        """Whether `naming` only respells the canonical one: every module, no groups, no row orders
+        (transformers' runtime names of a text encoder are; LDM, BFL and XLabs namings are not)."""
+        if naming == CANONICAL:
+            return True
+        table = self.namings.get(naming, {})
+        return (
+            naming != self.native_naming
+            and naming not in self.row_orders
+            and len(table) == len(self.modules) - len(self.groups)
+            and not any(path in self.groups for path in table)
+        )
 
     def row_order(self, path: str, naming: str) -> tuple[tuple[int, int], ...] | None:
         return self.row_orders.get(naming, {}).get(path)
@@ -163,10 +181,12 @@ class Component:
         tables = {path: Layer.from_spec(entry) for path, entry in spec["modules"].items()}
         groups = {group: tuple(members) for group, members in spec.get("groups", {}).items()}
         modules: dict[str, Layer] = {}
-        firsts = {members[0]: group for group, members in groups.items()}
+        firsts: dict[str, list[str]] = {}
+        for group, members in groups.items():
+            firsts.setdefault(members[0], []).append(group)
         for path, layer in tables.items():
-            if path in firsts:  # a group sits just before its first member, in model order
-                modules[firsts[path]] = fused_layer([tables[m] for m in groups[firsts[path]]])
+            for group in firsts.get(path, ()):  # a group sits just before its first member, in model order
+                modules[group] = fused_layer([tables[m] for m in groups[group]])
             modules[path] = layer
         return cls(
             name=name,

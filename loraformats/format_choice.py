@@ -43,6 +43,8 @@ def complete(
     break the tie (the formats whose parse fits exactly one family win)."""
     formats = registry.formats()
     found = [formats[name] for name, said in evidence.items() if said.score >= 1.0]
+    refined = {fmt.refines for fmt in found}
+    found = [fmt for fmt in found if fmt.name not in refined]  # a confirmed dialect beats its base
     work: dict[str, tuple[ParsedFile, dict[str, Resolution]]] = {}
     if len(found) > 1:
         families = registry.families()

@@ -86,6 +86,9 @@ class Format:
     #: Metadata keys this format owns (exact keys, or prefixes ending in `*`). Other formats'
     #: writers move owned keys they cannot honour into the `loraformats.stash` entry.
     owned_metadata: ClassVar[tuple[str, ...]] = ()
+    #: The format this one is a dialect of (ai-toolkit of diffusers): when both explain every name,
+    #: the dialect wins only if its `sniff` confirmed it (score 1.0, e.g. from its metadata).
+    refines: ClassVar[str | None] = None
     #: Keys of `describe` whose value names the base model the file says it is for (e.g. kohya's
     #: `ss_base_model_version`); detection checks them against the families' aliases and the tensors.
     base_model_keys: ClassVar[tuple[str, ...]] = ()

@@ -64,21 +64,32 @@ def lay_out(
         except UnsupportedError as refusal:
             return action(lowered(adapter, layer, refusal, where))
 
-    for key, adapter in adapters.modules.items():
+    def place(into: dict, slot: object, adapter: Adapter, key: ModuleKey) -> None:
+        if slot in into:
+            raise UnsupportedError(
+                f"{key[0]}:{key[1]} is adapted both on its own and inside a fused module",
+                path=adapters.provenance.path,
+            )
+        into[slot] = adapter
+
+    queue = list(adapters.modules.items())
+    while queue:  # a split group's members may go on into another group (XLabs qkv -> BFL linear1)
+        key, adapter = queue.pop(0)
         component, (name, path) = adapters.component(key[0]), key
         naming = namings[name]
+        fusing = [g for g in component.groups_of.get(path, ()) if component.nameable(g, naming)]
         if component.nameable(path, naming):
-            result[key] = adapter
-        elif path in component.groups and all(component.nameable(m, naming) for m in component.groups[path]):
+            place(result, key, adapter, key)
+        elif path in component.groups:
             start, layer = 0, component.modules[path]
             for member in component.groups[path]:
                 width = component.modules[member].out_features
                 take = lambda a, s=start, e=start + width: a.rows(s, e)  # noqa: E731
-                result[(name, member)] = cut(adapter, layer, take, f"{name}:{path}")
+                queue.append(((name, member), cut(adapter, layer, take, f"{name}:{path}")))
                 start += width
             counts["split"] += 1
-        elif path in component.group_of and component.nameable(component.group_of[path], naming):
-            members.setdefault((name, component.group_of[path]), {})[path] = adapter
+        elif fusing:
+            place(members.setdefault((name, fusing[0]), {}), path, adapter, key)
         else:
             raise UnsupportedError(
                 f"{target.name} has no name for {name}:{path} in its {naming} naming",

@@ -60,7 +60,9 @@ def synthetic_adapters(
         if components is not None and component.name not in components:
             continue
         chosen = [
-            (path, layer) for path, layer in component.modules.items() if layer.kind in ("linear", "conv2d")
+            (path, layer)
+            for path, layer in component.modules.items()
+            if layer.kind in ("linear", "conv2d") and path not in component.groups
         ]
         kxk = [(p, layer) for p, layer in chosen if layer.kind == "conv2d" and layer.kernel != (1, 1)]
         picked = chosen[:: max(1, len(chosen) // per_component)][:per_component]
@@ -207,7 +209,7 @@ class FamilyConformance:
     def test_every_naming_resolves_back(self, family):
         for component in family.components.values():
             for naming in component.naming_names():
-                for path in component.modules:
+                for path in component.named_paths(naming):
                     name = component.name_in(path, naming)
                     assert component.resolve_dotted(name)[0] == path, (naming, name)
                     assert component.resolve_flat(name.replace(".", "_"))[0] == path, (naming, name)

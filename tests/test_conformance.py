@@ -26,7 +26,31 @@ class TestLycoris(FormatConformance):
     format_name = "lycoris"
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+class TestComfyUI(FormatConformance):
+    format_name = "comfyui"
+
+
+class TestAiToolkit(FormatConformance):
+    format_name = "ai-toolkit"
+
+
+class TestXLabs(FormatConformance):
+    format_name = "xlabs"
+
+
+class TestOneTrainer(FormatConformance):
+    format_name = "onetrainer"
+
+
+class TestFalKontext(FormatConformance):
+    format_name = "fal-kontext"
+
+
+class TestBflControl(FormatConformance):
+    format_name = "bfl-control"
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "flux1", "sd3", "sd3.5-medium", "sd3.5-large"])
 class TestFamilies(FamilyConformance):
     @pytest.fixture
     def family(self, name):

@@ -50,7 +50,8 @@ class ComfyUIFormat(KohyaFormat):
         "BFL fused qkv/linear1, MMDiT) and `text_encoders.<clip_l|clip_g|t5xxl>.transformer.` + the encoder "
         "path; `lora_down` / `lora_up` (or `lora_A` / `lora_B`) + `alpha`."
     )
-    capabilities = frozenset({"lora", "lora.tucker", "dora", "dora.output"})
+    # ComfyUI reads dora_scale on either axis, telling them apart by shape as LyCORIS writes them
+    capabilities = frozenset({"lora", "lora.tucker", "dora", "dora.output", "dora.input"})
     options_schema = ComfyUIOptions
     owned_metadata: ClassVar[tuple[str, ...]] = ()
     base_model_keys: ClassVar[tuple[str, ...]] = ()

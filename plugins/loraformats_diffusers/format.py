@@ -113,8 +113,9 @@ class DiffusersFormat(Format):
         """The source's spelling of diffusers-style names (e.g. transformers' runtime names of a text
         encoder), else the canonical one; never an original checkpoint naming (LDM, BFL)."""
         spelling = adapters.provenance.spellings.get(component.name, CANONICAL)
-        usable = spelling in component.naming_names() and spelling != component.native_naming
-        return spelling if usable else CANONICAL
+        return (
+            spelling if spelling in component.naming_names() and component.is_alias(spelling) else CANONICAL
+        )
 
     def cannot_hold(self, component: Component) -> str | None:
         if component.model_class in UNLOADABLE:

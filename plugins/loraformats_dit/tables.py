@@ -58,7 +58,18 @@ FLUX_DOUBLE_GROUPS = {
     "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
-FLUX_SINGLE_GROUPS = {"attn.to_qkv_mlp_proj": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+FLUX_SINGLE_GROUPS = {
+    "attn.to_qkv_mlp_proj": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),  # XLabs' single-block qkv: linear1's first rows
+}
+#: XLabs' attention-processor LoRAs (x-flux): the modules it trains, named after its processors.
+XLABS_DOUBLE = {
+    "attn.to_qkv": "processor.qkv_lora1",
+    "attn.to_added_qkv": "processor.qkv_lora2",
+    "attn.to_out.0": "processor.proj_lora1",
+    "attn.to_add_out": "processor.proj_lora2",
+}
+XLABS_SINGLE = {"attn.to_qkv": "processor.qkv_lora", "proj_out": "processor.proj_lora"}
 
 #: SD3 (MMDiT) names inside a joint block (`transformer_blocks.N.` -> `joint_blocks.N.`).
 MMDIT_BLOCK = {
@@ -136,23 +147,27 @@ def _naming(
     groups: dict[str, list[str]],
     top: Mapping[str, str],
     blocks: Mapping[str, tuple[str, Mapping[str, str]]],
+    *,
+    complete: bool = True,
 ) -> dict[str, str]:
-    """The original naming: groups by their fused name, members of groups absent."""
+    """A checkpoint naming: groups by their fused name, members of groups absent. A `complete`
+    naming must name every module outside its groups; a partial one (XLabs) only some."""
     members = {m for paths in groups.values() for m in paths}
     naming: dict[str, str] = {}
     for path in [*modules, *groups]:
-        if path in members or modules.get(path, ["linear"])[0] == "norm":
-            continue
-        if path in top:
-            naming[path] = top[path]
-            continue
+        name = top.get(path)
         match = BLOCK.match(path)
-        if match is None or match["blocks"] not in blocks:
+        if name is None and match is not None and match["blocks"] in blocks:
+            outer, table = blocks[match["blocks"]]
+            if match["rest"] in table:
+                name = f"{outer}.{match['index']}.{table[match['rest']]}"
+        if name is not None:
+            naming[path] = name
+        elif complete and path not in members and path not in groups:
             raise ValueError(f"{path!r} has no original name")
-        outer, table = blocks[match["blocks"]]
-        if match["rest"] not in table:
-            raise ValueError(f"{path!r} has no original name")
-        naming[path] = f"{outer}.{match['index']}.{table[match['rest']]}"
+    named_members = [m for group in naming if group in groups for m in groups[group] if m in naming]
+    if named_members:
+        raise ValueError(f"{named_members[0]!r} is named both alone and in its group")
     return naming
 
 
@@ -178,7 +193,17 @@ def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
         "single_transformer_blocks": ("single_blocks", FLUX_SINGLE),
     }
     naming = _naming(modules, groups, FLUX_TOP, blocks)
-    return _denoiser(
+    xlabs = _naming(
+        modules,
+        groups,
+        {},
+        {
+            "transformer_blocks": ("double_blocks", XLABS_DOUBLE),
+            "single_transformer_blocks": ("single_blocks", XLABS_SINGLE),
+        },
+        complete=False,
+    )
+    spec = _denoiser(
         model,
         config,
         modules,
@@ -187,6 +212,8 @@ def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
         naming,
         {"norm_out.linear": _swap_halves(modules["norm_out.linear"][2])},
     )
+    spec["namings"]["xlabs"] = xlabs
+    return spec
 
 
 def sd3_component(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ OTHER_KEYS = {
 
 @functools.cache
 def _hint(prefix: str, slot: str) -> ComponentHint:
-    if prefix == "lora_unet":
+    if not prefix.startswith("lora_te"):  # lora_unet, or another trainer's denoiser prefix
         return ComponentHint(role="denoiser")
     return ComponentHint(role="text_encoder", slot=int(slot) if slot else None)
 
@@ -99,6 +99,8 @@ class KohyaFormat(Format):
     options_schema = KohyaOptions
     owned_metadata: ClassVar[tuple[str, ...]] = ("sshs_model_hash", "sshs_legacy_hash")
     base_model_keys: ClassVar[tuple[str, ...]] = BASE_MODEL_KEYS
+    #: The key grammar: a denoiser or `lora_te[N]` prefix, the flattened module name, a suffix.
+    key_pattern: ClassVar[re.Pattern[str]] = KEY
 
     def sniff(self, header: Header) -> Evidence:
         """The share of names with Kohya's prefixes. Other suffixes than LoRA/LoCon/DoRA's under those
@@ -107,7 +109,7 @@ class KohyaFormat(Format):
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
-        prefixed = list(filter(KEY.match, names))  # one C loop: detection sniffs every name
+        prefixed = list(filter(self.key_pattern.match, names))  # one C loop: detection sniffs every name
         ours = len(prefixed)
         evidence = Evidence(ours / len(names))
         if ours:
@@ -123,7 +125,7 @@ class KohyaFormat(Format):
                 f"{len(other)} have suffixes other than LoRA/LoCon/DoRA's (LyCORIS?), e.g. {other[0]!r}"
             )
         if ours < len(names):
-            example = next(name for name in names if not KEY.match(name))
+            example = next(name for name in names if not self.key_pattern.match(name))
             evidence.against.append(f"{len(names) - ours} names do not, e.g. {example!r}")
         if "ss_network_module" in header.metadata:
             evidence.reasons.append(
@@ -143,7 +145,7 @@ class KohyaFormat(Format):
             stem, _, suffix = tensor.partition(".")
             module, role = grouped.get(stem), ROLES.get(suffix)
             if module is None or role is None:
-                match = KEY.match(tensor)
+                match = self.key_pattern.match(tensor)
                 if match is None:
                     unsupported[tensor] = next(
                         (why for prefix, why in OTHER_KEYS.items() if tensor.startswith(prefix)),

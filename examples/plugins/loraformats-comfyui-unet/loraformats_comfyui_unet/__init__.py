@@ -5,7 +5,8 @@ ComfyUI names a LoRA module after the weight it patches in the original (LDM/SGM
 `lora_up.weight` and an optional `alpha` (scale = alpha / rank, as in Kohya files).
 
 It needs nothing but the public plugin API: a family's "ldm" naming gives the names, the core
-resolves them, and `Format` does the rest.
+resolves them, and `Format` does the rest. loraformats now ships a full `comfyui` format; this one
+declares itself a dialect of it (`refines`), so where both explain a file, the plugin's answer wins.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def split(key: str) -> tuple[str, str] | None:
 
 class ComfyUIUNet(Format):
     name = "comfyui-unet"
+    refines = "comfyui"  # a narrower reading of the built-in comfyui format
     label = "ComfyUI LoRA save (UNet, LDM names)"
     description = "`diffusion_model.<LDM module path>.lora_down.weight` / `lora_up.weight` / `alpha`."
     capabilities = frozenset({"lora"})

@@ -1,0 +1,72 @@
+"""ai-toolkit (ostris): diffusers names and PEFT factors, no alpha, its `software` metadata entry.
+
+ai-toolkit loads no `lora_adapter_metadata`, so every scale is folded into the up factors (exact
+for powers of two, float32 otherwise). Files are told apart from diffusers' own by `software`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraformats.canonical import AdapterSet
+from loraformats.formats import Encoded, Evidence
+from loraformats.header import Header
+from loraformats_diffusers.format import DiffusersFormat, DiffusersOptions
+
+SOFTWARE_KEY = "software"
+SOFTWARE = {"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit"}
+
+
+def written_by_ai_toolkit(metadata: dict[str, str]) -> bool:
+    try:
+        software = json.loads(metadata.get(SOFTWARE_KEY, "{}"))
+    except ValueError:
+        return False
+    return isinstance(software, dict) and software.get("name") == "ai-toolkit"
+
+
+class AiToolkitOptions(DiffusersOptions):
+    """Options for writing ai-toolkit files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fold_alpha: bool = Field(
+        True, description="fold every alpha/rank into the weights (ai-toolkit has no alpha)"
+    )
+
+
+class AiToolkitMetadata(BaseModel):
+    software: str | None = Field(
+        None, description='JSON: {"name": "ai-toolkit", "repo": ..., "version": ...}'
+    )
+
+
+class AiToolkitFormat(DiffusersFormat):
+    name = "ai-toolkit"
+    label = "ai-toolkit (diffusers names, software metadata)"
+    description = (
+        "ostris/ai-toolkit's files: `transformer.` / `text_encoder.` + diffusers module path + `lora_A` / "
+        "`lora_B`, scales folded into the weights, and a `software` metadata entry naming ai-toolkit."
+    )
+    metadata_schema = AiToolkitMetadata
+    options_schema = AiToolkitOptions
+    owned_metadata: ClassVar[tuple[str, ...]] = (SOFTWARE_KEY,)
+    refines: ClassVar[str | None] = "diffusers"
+
+    def sniff(self, header: Header) -> Evidence:
+        evidence = DiffusersFormat.sniff(self, header)
+        if written_by_ai_toolkit(header.metadata):
+            evidence.reasons.append("its software metadata names ai-toolkit")
+        else:
+            evidence.score = min(evidence.score, 0.99)
+            evidence.against.append("no software metadata naming ai-toolkit (diffusers' own files have none)")
+        return evidence
+
+    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+        encoded = super().encode(adapters, options or AiToolkitOptions())
+        if not written_by_ai_toolkit(encoded.metadata):
+            encoded.metadata[SOFTWARE_KEY] = json.dumps(SOFTWARE)
+        return encoded

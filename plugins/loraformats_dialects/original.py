@@ -1,0 +1,101 @@
+"""Original (BFL) module names with PEFT factors: fal's Kontext LoRAs and BFL's control LoRAs.
+
+Both name Flux modules the way BFL's checkpoints do (`double_blocks.N.img_attn.qkv`) with
+`lora_A` / `lora_B` and no alpha (scale 1). fal prefixes them with `base_model.model.`. BFL's
+control LoRAs (Canny, Depth) also replace the qk-norm scales and add bias deltas; those parts are
+not deltas of a LoRA and are refused by name, with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+from loraformats.families import ComponentHint
+from loraformats.formats import Evidence, Format, ParsedFile, ParsedModule
+from loraformats.header import Header
+
+ROLES = {"lora_A.weight": "down", "lora_B.weight": "up"}
+NOT_DELTAS = {
+    ".scale": "norm scales that replace the base model's (not a LoRA delta)",
+    ".lora_B.bias": "bias deltas (lora_B.bias), which no LoRA format here can carry",
+    ".lora_A.bias": "bias terms on lora_A, which no LoRA format here can carry",
+}
+DENOISER = ComponentHint(role="denoiser")
+BFL_NAME = re.compile(
+    r"^(double_blocks|single_blocks|final_layer|img_in|txt_in|time_in|vector_in|guidance_in)\b"
+)
+
+
+class OriginalNamesFormat(Format):
+    """BFL names after `prefix`, PEFT factor suffixes."""
+
+    prefix = ""
+    writable = False
+
+    def _split(self, tensor: str) -> tuple[str, str] | None:
+        if not tensor.startswith(self.prefix):
+            return None
+        rest = tensor[len(self.prefix) :]
+        stem, _, role = rest.partition(".lora_")
+        role = ROLES.get(f"lora_{role}")
+        if role is None or not BFL_NAME.match(stem):
+            return None
+        return stem, role
+
+    def _not_delta(self, tensor: str) -> str | None:
+        rest = tensor[len(self.prefix) :] if tensor.startswith(self.prefix) else None
+        if rest is None or not BFL_NAME.match(rest):
+            return None
+        return next((why for suffix, why in NOT_DELTAS.items() if rest.endswith(suffix)), None)
+
+    def sniff(self, header: Header) -> Evidence:
+        names = list(header.tensors)
+        if not names:
+            return Evidence(0.0, against=["the file has no tensors"])
+        ours = sum(1 for n in names if self._split(n) or self._not_delta(n))
+        evidence = Evidence(ours / len(names))
+        if ours:
+            shown = f"{self.prefix} + " if self.prefix else ""
+            evidence.reasons.append(
+                f"{ours} of {len(names)} names are {shown}BFL module names + lora_A/lora_B"
+            )
+        if ours < len(names):
+            evidence.against.append(f"{len(names) - ours} names are not")
+        return evidence
+
+    def parse(self, header: Header) -> ParsedFile:
+        grouped: dict[str, ParsedModule] = {}
+        unsupported: dict[str, str] = {}
+        for tensor in header.tensors:
+            split = self._split(tensor)
+            if split is None:
+                unsupported[tensor] = self._not_delta(tensor) or f"not a {self.name} LoRA key"
+                continue
+            stem, role = split
+            module = grouped.setdefault(stem, ParsedModule(stem, DENOISER, (stem,), flat=False, tensors={}))
+            module.tensors[role] = tensor
+        return ParsedFile(list(grouped.values()), unsupported)
+
+
+class FalKontextFormat(OriginalNamesFormat):
+    name = "fal-kontext"
+    label = "fal FLUX.1 Kontext LoRA (read-only)"
+    description = (
+        "fal's Kontext trainer: `base_model.model.` + BFL module names + `lora_A` / `lora_B`, no alpha."
+    )
+    prefix = "base_model.model."
+
+
+class BflControlFormat(OriginalNamesFormat):
+    name = "bfl-control"
+    label = "BFL names + PEFT factors, e.g. FLUX.1 control LoRAs (read-only)"
+    description = (
+        "BFL module names + `lora_A` / `lora_B`, no alpha, as in BFL's Canny/Depth control LoRAs. Their "
+        "qk-norm scales and bias deltas are not LoRA deltas: such files are refused, naming those parts."
+    )
+
+    def sniff(self, header: Header) -> Evidence:
+        evidence = super().sniff(header)
+        if any(name.endswith("norm.scale") for name in header.tensors):
+            evidence.reasons.append("it replaces qk-norm scales, as BFL's control LoRAs do")
+        return evidence
