@@ -168,6 +168,10 @@ def _detect(args: argparse.Namespace) -> int:
         print(result.model_dump_json(indent=2))
         return 0
     print(f"{result.path}\n  format: {result.format}\n  family: {result.family}")
+    if len(result.releases) > 1:
+        print(f"  release: ambiguous ({', '.join(result.releases)})")
+    elif result.releases:
+        print(f"  release: {result.releases[0]}")
     if result.variant:
         print(f"  naming: {result.variant}")
     print(f"  confidence: {result.confidence:.2f}")

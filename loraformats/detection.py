@@ -124,6 +124,7 @@ def _detect(choice: FormatChoice, where: str, read_alphas: bool) -> Detection:
         result.family = winner.family.name
         result.reasons.append(f"every module resolves in {winner.family.name} by name and shape")
         result.reasons += ruled_out
+        _releases(result, winner)
     elif fitting:
         result.family = "ambiguous"
         result.reasons.append("the header fits several families equally: " + ambiguity(fitting))
@@ -136,6 +137,21 @@ def _detect(choice: FormatChoice, where: str, read_alphas: bool) -> Detection:
     penalty = CONTRADICTION_FACTOR if result.contradictions else 1.0
     result.confidence = round(choice.share * family_share * penalty, 4)
     return result
+
+
+def _releases(result: Detection, winner: Resolution) -> None:
+    """Which of the family's releases the file can be for, and a reason when several remain."""
+    family = winner.family
+    if not family.releases:
+        return
+    result.releases = family.releases_for({(m.component.name, m.path) for m in winner.matches})
+    if len(result.releases) > 1:
+        result.reasons.append(
+            f"release ambiguous: {', '.join(result.releases)} share every module this file adapts; "
+            "the header cannot tell them apart"
+        )
+    elif result.releases:
+        result.reasons.append(f"release: {result.releases[0]} (the others lack modules this file adapts)")
 
 
 def _resolve(parts: list[Part], families: dict[str, Family]) -> dict[str, Resolution]:

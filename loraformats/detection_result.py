@@ -63,6 +63,11 @@ class Detection(BaseModel):
         description="1.0: one format and one family explain every tensor by name and shape and no metadata "
         "disagrees; 1/n when n candidates tie; x0.9 when metadata contradicts the tensors; 0 when unknown",
     )
+    releases: list[str] = Field(
+        default_factory=list,
+        description="the family's releases the file can be for (e.g. FLUX.1 dev, schnell, Kontext share one "
+        "layout); more than one means the header cannot tell them apart",
+    )
     algorithms: list[str] = Field(default_factory=list)
     components: list[ComponentSummary] = Field(default_factory=list)
     groups: list[ModuleGroup] = Field(default_factory=list, description="modules by block, in model order")

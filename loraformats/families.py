@@ -231,8 +231,12 @@ class Family:
         description: str = "",
         spec_path: Path | None = None,
         aliases: tuple[str, ...] = (),
+        releases: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.name, self.label, self.description, self.spec_path = name, label, description, spec_path
+        #: Releases sharing this table (FLUX.1 dev, schnell, Kontext) -> the `component:path` modules
+        #: each lacks. Detection lists the releases a file can be for; a header rarely tells them apart.
+        self.releases = dict(releases or {})
         self._components = components
         #: Identifiers other tools use for this base model (sd-scripts' `sd_v1`, ModelSpec's
         #: `stable-diffusion-v1`): a detection signal from metadata, weaker than any tensor shape.
@@ -245,6 +249,11 @@ class Family:
     def components(self) -> dict[str, Component]:
         loaded = self._components() if callable(self._components) else self._components
         return dict(loaded)
+
+    def releases_for(self, modules: set[tuple[str, str]]) -> list[str]:
+        """The releases that have every one of `modules` ((component, path) keys)."""
+        keys = {f"{c}:{p}" for c, p in modules}
+        return [name for name, lacks in self.releases.items() if not keys.intersection(lacks)]
 
     def claimed_by(self, identifier: str) -> bool:
         """Whether a base-model identifier from metadata names this family. A `/kind` suffix

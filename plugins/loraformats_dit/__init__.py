@@ -29,7 +29,13 @@ ALIASES = {
 }
 
 
+_GUIDANCE = tuple(f"transformer:time_text_embed.guidance_embedder.linear_{i}" for i in (1, 2))
+#: Releases that share a table, and the modules each lacks (schnell is guidance-distilled away).
+RELEASES = {"flux1": {"dev": (), "schnell": _GUIDANCE, "kontext": ()}}
+
+
 @hookimpl
 def register_families(register) -> None:
     for name, label in FAMILIES.items():
-        register(Family.from_spec_file(name, label, builtin_spec(name), aliases=ALIASES[name]))
+        spec = builtin_spec(name)
+        register(Family.from_spec_file(name, label, spec, aliases=ALIASES[name], releases=RELEASES.get(name)))
