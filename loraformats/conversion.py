@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +160,14 @@ def convert(
         dropped = _drop_components(adapters, target, drop)
         if dropped:
             steps.append(dropped)
-        if check_values:
-            _check_values(adapters, source, strict, warnings)
+        # The NaN/Inf scan reads every tensor; it runs beside planning and writing (pread and numpy
+        # release the GIL) and settles before the output is committed.
+        scan = _start_value_scan(adapters) if check_values else None
+
+        def settle() -> None:
+            if scan is not None:
+                _check_values(scan.result(), source, strict, warnings)
+
         planned = plan(
             adapters,
             target,
@@ -198,12 +206,18 @@ def convert(
             **({"approximation": planned.approximation} if planned.approximation else {}),
         )
         if dry_run:
+            settle()
+            report.warnings = list(warnings)
             return report
         if target.container == "directory":
+            settle()
             report.bytes_written = write_directory(output_path, files, encoded.documents, overwrite=force)
         else:
             tensors, metadata = files[""]
-            report.bytes_written = write_safetensors(output_path, tensors, metadata, overwrite=force)
+            report.bytes_written = write_safetensors(
+                output_path, tensors, metadata, overwrite=force, before_commit=settle
+            )
+        report.warnings = list(warnings)  # settle may have added the scan's
         return report
     except ValueError as error:  # a tensor that fails to decode mid-write is an invalid input
         raise InvalidFileError(str(error), path=source) from None
@@ -241,11 +255,24 @@ def _drop_components(adapters: AdapterSet, target: Format, drop: list[str] | tup
     )
 
 
-def _check_values(adapters: AdapterSet, source: Path, strict: bool, warnings: list[str]) -> None:
-    """NaN/Inf weights: a warning naming the modules, or (strict) a refusal."""
+def _start_value_scan(adapters: AdapterSet) -> Future[dict[str, int]]:
+    """`scan_nonfinite` in a background thread (its result or error arrives through the future)."""
     from .validation import scan_nonfinite
 
-    bad = scan_nonfinite(adapters)
+    future: Future[dict[str, int]] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(scan_nonfinite(adapters))
+        except BaseException as error:  # handed to the caller at settle time
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="loraformats-value-scan", daemon=True).start()
+    return future
+
+
+def _check_values(bad: dict[str, int], source: Path, strict: bool, warnings: list[str]) -> None:
+    """NaN/Inf weights: a warning naming the modules, or (strict) a refusal."""
     if not bad:
         return
     worst = ", ".join(f"{module} ({count})" for module, count in sorted(bad.items(), key=lambda i: -i[1])[:3])

@@ -12,7 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .errors import InvalidFileError, OutputError, UsageError
@@ -78,8 +78,10 @@ def write_safetensors(
     metadata: dict[str, str],
     *,
     overwrite: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> int:
-    """Write atomically; returns the number of bytes written."""
+    """Write atomically; returns the number of bytes written. `before_commit` runs once the data is
+    written and synced, before the rename: if it raises, nothing is left behind."""
     dest = Path(dest)
     if dest.is_dir():
         raise UsageError("output is a directory; give a file path", path=dest)
@@ -108,6 +110,8 @@ def write_safetensors(
         os.fsync(fd)
         os.close(fd)
         fd = -1
+        if before_commit is not None:
+            before_commit()
         os.replace(temp, dest)
         _sync_directory(directory)
     except BaseException as error:
