@@ -11,6 +11,8 @@ $(BIN)/.installed: pyproject.toml
 	# The CPU wheel on local disk first, so nothing pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test,docs]'
+	# Bytecode now, as a regular pip install does: start-up must not recompile (PYTHONDONTWRITEBYTECODE).
+	$(BIN)/python -m compileall -q loraformats plugins >/dev/null
 	touch $@
 
 example: $(BIN)/.installed

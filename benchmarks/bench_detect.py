@@ -57,7 +57,10 @@ class DeepFamily:
 
         sdxl = json.loads(builtin_spec("sdxl").read_text())["components"]
         unet = {**sdxl["unet"]["config"], "transformer_layers_per_block": [1, 3, 20]}
-        encoders = [(sdxl["text_encoder"]["config"], False), (sdxl["text_encoder_2"]["config"], True)]
+        encoders = [
+            (sdxl["text_encoder"]["config"], False, "clip_l"),
+            (sdxl["text_encoder_2"]["config"], True, "clip_g"),
+        ]
         register(Family.from_spec(family_spec(DEEP, DEEP, "benchmark only", unet, encoders, "ldm")))
 
 

@@ -84,6 +84,7 @@ class FalKontextFormat(OriginalNamesFormat):
         "fal's Kontext trainer: `base_model.model.` + BFL module names + `lora_A` / `lora_B`, no alpha."
     )
     prefix = "base_model.model."
+    refines = "peft"  # PEFT's key grammar, with BFL's module names
 
 
 class BflControlFormat(OriginalNamesFormat):
@@ -93,6 +94,8 @@ class BflControlFormat(OriginalNamesFormat):
         "BFL module names + `lora_A` / `lora_B`, no alpha, as in BFL's Canny/Depth control LoRAs. Their "
         "qk-norm scales and bias deltas are not LoRA deltas: such files are refused, naming those parts."
     )
+
+    refines = "diffusers"  # PEFT factor suffixes, as in diffusers' files, on BFL's module names
 
     def sniff(self, header: Header) -> Evidence:
         evidence = super().sniff(header)

@@ -31,7 +31,7 @@ from loraformats.header import Header
 from loraformats.jsontext import parse_json
 from loraformats.report import Step
 from loraformats.tensors import MemoryTensor, TensorData
-from loraformats_peft.config import LoraConfigFields, build_config, module_settings
+from loraformats_peft.config import LoraConfigFields, build_config, module_settings, peft_name
 from loraformats_peft.keys import (
     ALPHAS_KEY,
     alpha_notes,
@@ -345,7 +345,9 @@ class DiffusersFormat(Format):
                 path: (lora.rank, lora.scale * lora.rank) for (c, path), lora in loras.items() if c == name
             }
             dora = any(isinstance(adapters.modules[(name, p)], DoRA) for p in modules)
-            for field, value in build_config(modules, component.path_aliases, use_dora=dora).items():
+            universe = (peft_name(p, component.path_aliases) for p in component.named_paths(CANONICAL))
+            config = build_config(modules, component.path_aliases, use_dora=dora, universe=universe)
+            for field, value in config.items():
                 flat[f"{name}.{field}"] = value
         return json.dumps(flat, indent=2, sort_keys=True)
 

@@ -194,6 +194,20 @@ def peft_name(path: str, aliases: Iterable[str]) -> str:
     return path
 
 
+def exact(name: str, shadowed: set[str]) -> str:
+    r"""A pattern matching the module `name` alone. PEFT matches `(.*\.)?(KEY)$`, so where `name` ends
+    another module's name (Flux's `proj_out` and `single_transformer_blocks.0.proj_out`) a `^` pins it
+    to the whole name. Other names stay unanchored, so a runtime wrapper prefix still matches."""
+    return ("^" if name in shadowed else "") + re.escape(name)
+
+
+def shadowed(universe: Iterable[str]) -> set[str]:
+    """The names among `universe` that are a dotted suffix of another name in it."""
+    names = set(universe)
+    suffixes = {name[i + 1 :] for name in names for i, char in enumerate(name) if char == "."}
+    return names & suffixes
+
+
 def number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
@@ -204,20 +218,23 @@ def build_config(
     *,
     use_rslora: bool = False,
     use_dora: bool = False,
+    universe: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A complete LoraConfig dict for modules {path: (rank, alpha)}: defaults plus patterns for the rest.
 
     The most common rank and alpha become `r` / `lora_alpha` (as PEFT's own tools choose); every
-    other module gets an escaped, exact-name pattern.
+    other module gets an exact-name pattern (`exact`). `universe`: every module name of the model
+    in the same spelling, to find names that patterns would also match elsewhere.
     """
     names = {path: peft_name(path, aliases) for path in modules}
+    hidden = shadowed([*universe, *names.values()])
     r = Counter(rank for rank, _ in modules.values()).most_common(1)[0][0]
     alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
     return {
         "r": r,
         "lora_alpha": number(alpha),
-        "rank_pattern": {re.escape(names[p]): rk for p, (rk, _) in modules.items() if rk != r},
-        "alpha_pattern": {re.escape(names[p]): number(a) for p, (_, a) in modules.items() if a != alpha},
+        "rank_pattern": {exact(names[p], hidden): rk for p, (rk, _) in modules.items() if rk != r},
+        "alpha_pattern": {exact(names[p], hidden): number(a) for p, (_, a) in modules.items() if a != alpha},
         "target_modules": sorted(names.values()),
         "use_rslora": use_rslora,
         "use_dora": use_dora,

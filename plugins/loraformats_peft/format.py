@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from loraformats.adapters import DoRA, Exactness
 from loraformats.canonical import AdapterSet
 from loraformats.errors import InvalidFileError, UnsupportedError
-from loraformats.families import Component, ComponentHint
+from loraformats.families import CANONICAL, Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
 from loraformats.jsontext import parse_json
@@ -242,7 +242,13 @@ class PeftFormat(Format):
                 settings[runtime_name(component, path)] = (lora.rank, alpha)
             config = {
                 **CONFIG_DEFAULTS,
-                **build_config(settings, (), use_rslora=rslora, use_dora=doras == {True}),
+                **build_config(
+                    settings,
+                    (),
+                    use_rslora=rslora,
+                    use_dora=doras == {True},
+                    universe=(runtime_name(component, p) for p in component.named_paths(CANONICAL)),
+                ),
             }
             tensors: list[tuple[str, TensorData]] = []
             for key, lora in loras.items():

@@ -21,10 +21,10 @@ from typing import Any
 from loraformats.adapters import Adapter, LoHa, LoKr
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.errors import UnsupportedError
-from loraformats.families import Component, Layer
+from loraformats.families import CANONICAL, Component, Layer
 from loraformats.tensors import TensorData
 
-from .config import number, peft_name
+from .config import exact, number, peft_name, shadowed
 
 #: LycorisConfig fields written besides the maths, with PEFT's defaults, so the config is complete.
 DEFAULTS: dict[str, Any] = {
@@ -208,15 +208,15 @@ def _note(module: Adapter) -> dict:
 
 
 def _patterns(settings: dict[str, tuple[int, float]], component: Component) -> dict[str, Any]:
-    import re
 
     names = {path: peft_name(path, component.path_aliases) for path in settings}
+    hidden = shadowed(peft_name(path, component.path_aliases) for path in component.named_paths(CANONICAL))
     r = Counter(rank for rank, _ in settings.values()).most_common(1)[0][0]
     alpha = Counter(a for _, a in settings.values()).most_common(1)[0][0]
     return {
         "r": r,
         "alpha": number(alpha),
-        "rank_pattern": {re.escape(names[p]): rk for p, (rk, _) in settings.items() if rk != r},
-        "alpha_pattern": {re.escape(names[p]): number(a) for p, (_, a) in settings.items() if a != alpha},
+        "rank_pattern": {exact(names[p], hidden): rk for p, (rk, _) in settings.items() if rk != r},
+        "alpha_pattern": {exact(names[p], hidden): number(a) for p, (_, a) in settings.items() if a != alpha},
         "target_modules": sorted(names.values()),
     }
