@@ -177,10 +177,13 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
         # e.g. an SDXL LoRA of its second text encoder alone, which SD3 shares: any choice reads and
         # writes the same modules under the same names, so the output cannot depend on it
         names = ", ".join(r.family.name for r in fitting)
+        claimed = [r for r in fitting if _claimed(r.family, parts)]
+        chosen = claimed[0] if len(claimed) == 1 else fitting[0]
+        why = "as its metadata says" if len(claimed) == 1 else "the first installed"
         context.warnings.append(
-            f"every module fits {names} with the same names and shapes; read as {fitting[0].family.name}"
+            f"every module fits {names} with the same names and shapes; read as {chosen.family.name} ({why})"
         )
-        return fitting[0]
+        return chosen
     if fitting:
         names = ", ".join(r.family.name for r in fitting)
         raise UnsupportedError(
@@ -193,6 +196,14 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
         f"no installed family knows every module; closest is {closest.family.name}: {closest.summary()}",
         path=where,
     )
+
+
+def _claimed(family: Family, parts: list[Part]) -> bool:
+    """Whether a file's metadata names `family` as its base model (keys the formats declare)."""
+    from .plugins import registry
+
+    keys = {key for fmt in registry.formats().values() for key in fmt.base_model_keys}
+    return any(family.claimed_by(h.metadata[k]) for h, _ in parts for k in keys if k in h.metadata)
 
 
 def _same_modules(a: Resolution, b: Resolution) -> bool:

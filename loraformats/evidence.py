@@ -196,7 +196,7 @@ def report_claims(
         if len(fits) > 1 and agreeing:
             result.reasons.append(
                 f"metadata {claim} suggests {', '.join(agreeing)}; the tensors cannot tell "
-                f"(convert needs --family)"
+                "(--family chooses one)"
             )
         elif not agreeing and resolutions:
             named = ", ".join(claim.families)

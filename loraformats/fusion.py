@@ -65,7 +65,10 @@ def stack_rows(parts: list[Adapter | None], layers: list[Layer]) -> Fused:
 
 
 def reorder_rows(adapter: Adapter, ranges: tuple[tuple[int, int], ...], layer: Layer) -> Adapter:
-    """The adapter with its output rows taken range by range (a permutation of row blocks)."""
+    """The adapter with its output rows taken range by range (a permutation of row blocks). An
+    input-axis DoRA keeps its magnitude: permuting rows leaves every column's norm as it was."""
+    if isinstance(adapter, DoRA) and adapter.axis == "input":
+        return DoRA(reorder_rows(adapter.inner, ranges, layer), adapter.magnitude, "input")  # type: ignore[arg-type]
     parts = [adapter.rows(start, stop) for start, stop in ranges]
     layers = [Layer(layer.kind, layer.in_features, stop - start, layer.kernel) for start, stop in ranges]
     return stack_rows(parts, layers).adapter  # type: ignore[arg-type]

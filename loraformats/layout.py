@@ -53,7 +53,9 @@ def lay_out(
     def lowered(adapter: Adapter, layer: Layer, refusal: UnsupportedError, where: str) -> Adapter:
         found = reexpress(adapter, layer, STACKABLE)
         if found is None:
-            raise UnsupportedError(f"{where}: {refusal.message}, and it has no exact LoRA form") from None
+            raise UnsupportedError(
+                f"{where}: {refusal.message}, and it has no exact LoRA form", path=adapters.provenance.path
+            ) from None
         for transform in found[1]:
             reexpressed[transform.name] += 1
         return found[0]
@@ -81,12 +83,15 @@ def lay_out(
         if component.nameable(path, naming):
             place(result, key, adapter, key)
         elif path in component.groups:
-            start, layer = 0, component.modules[path]
+            layer, bounds, start = component.modules[path], [], 0
             for member in component.groups[path]:
-                width = component.modules[member].out_features
-                take = lambda a, s=start, e=start + width: a.rows(s, e)  # noqa: E731
-                queue.append(((name, member), cut(adapter, layer, take, f"{name}:{path}")))
-                start += width
+                bounds.append((member, start, start + component.modules[member].out_features))
+                start = bounds[-1][2]
+            split = lambda a, b=bounds, c=name: [((c, m), a.rows(s, e)) for m, s, e in b]  # noqa: E731
+            try:
+                queue += split(adapter)
+            except UnsupportedError as refusal:  # re-expressed once, for every member
+                queue += split(lowered(adapter, layer, refusal, f"{name}:{path}"))
             counts["split"] += 1
         elif fusing:
             place(members.setdefault((name, fusing[0]), {}), path, adapter, key)
@@ -99,15 +104,19 @@ def lay_out(
         component = adapters.component(name)
         paths = component.groups[group]
         layers = [component.modules[m] for m in paths]
+        where = f"{name}:{group}"
         try:
-            fused = stack_rows([found.get(m) for m in paths], layers)
+            try:
+                fused = stack_rows([found.get(m) for m in paths], layers)
+            except UnsupportedError as refusal:
+                found = {m: lowered(a, component.modules[m], refusal, where) for m, a in found.items()}
+                fused = stack_rows([found.get(m) for m in paths], layers)
         except UnsupportedError as refusal:
-            found = {m: lowered(a, component.modules[m], refusal, f"{name}:{m}") for m, a in found.items()}
-            fused = stack_rows([found.get(m) for m in paths], layers)
+            raise UnsupportedError(f"{where}: {refusal.message}", path=adapters.provenance.path) from None
         label = f"fuse ({fused.how})"
         counts[label] += 1
         worst[label] = worst.get(label, Exactness.IDENTICAL).worst(fused.exactness)
-        result[(name, group)] = fused.adapter
+        place(result, (name, group), fused.adapter, (name, next(iter(found))))
     for key, adapter in result.items():
         component = adapters.component(key[0])
         order = component.row_order(key[1], namings[key[0]])
@@ -159,3 +168,17 @@ def _steps(
             )
         )
     return steps
+
+
+class _CanonicalLayout(Format):
+    name = "canonical layout"
+    label = "every module under its canonical path"
+
+
+def split_fused(adapters: AdapterSet) -> AdapterSet:
+    """The set with every fused group split into its members: how `verify` lines up a file in an
+    original naming (BFL's fused qkv) with one in the diffusers layout."""
+    if not any(path in adapters.component(name).groups for name, path in adapters.modules):
+        return adapters
+    modules, _ = lay_out(adapters, _CanonicalLayout(), None, lambda adapter, layer, features: None)
+    return AdapterSet(adapters.family, modules, adapters.metadata, adapters.provenance, adapters.sources)

@@ -55,6 +55,7 @@ class AiToolkitFormat(DiffusersFormat):
     options_schema = AiToolkitOptions
     owned_metadata: ClassVar[tuple[str, ...]] = (SOFTWARE_KEY,)
     refines: ClassVar[str | None] = "diffusers"
+    reads_adapter_metadata: ClassVar[bool] = False
 
     def sniff(self, header: Header) -> Evidence:
         evidence = DiffusersFormat.sniff(self, header)

@@ -108,6 +108,8 @@ class DiffusersFormat(Format):
     metadata_schema = DiffusersMetadata
     options_schema = DiffusersOptions
     owned_metadata: ClassVar[tuple[str, ...]] = (METADATA_KEY,)
+    #: Whether the consumers read `lora_adapter_metadata` (diffusers does; ai-toolkit's files fold).
+    reads_adapter_metadata: ClassVar[bool] = True
 
     def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
         """The source's spelling of diffusers-style names (e.g. transformers' runtime names of a text
@@ -245,25 +247,13 @@ class DiffusersFormat(Format):
         step, warning = None, None
         if not scaled:
             metadata.pop(METADATA_KEY, None)
-        elif self._existing_config_fits(adapters, loras):
+        elif self.reads_adapter_metadata and self._existing_config_fits(adapters, loras):
             step = Step(
                 stage="write",
                 name="keep lora_adapter_metadata",
                 exactness=Exactness.IDENTICAL,
                 modules=len(scaled),
                 detail="the source's LoraConfig already gives every scale",
-            )
-        elif options.fold_alpha:
-            for key, lora in scaled.items():
-                factors[key] = (factors[key][0], scale_tensor_f32(lora.up, lora.scale))
-                notes[key] = {"absent": True}  # the scale is in the weights now: read back as alpha = rank
-            metadata.pop(METADATA_KEY, None)
-            step = Step(
-                stage="write",
-                name="fold alpha (float32)",
-                exactness=Exactness.ROUNDED,
-                modules=len(scaled),
-                detail="up *= alpha/rank, written as float32",
             )
         elif (folds := _exact_folds(scaled)) is not None:
             widened = 0
@@ -284,6 +274,18 @@ class DiffusersFormat(Format):
                 exactness=Exactness.EXACT,
                 modules=len(scaled),
                 detail=detail,
+            )
+        elif options.fold_alpha:
+            for key, lora in scaled.items():
+                factors[key] = (factors[key][0], scale_tensor_f32(lora.up, lora.scale))
+                notes[key] = {"absent": True}  # the scale is in the weights now: read back as alpha = rank
+            metadata.pop(METADATA_KEY, None)
+            step = Step(
+                stage="write",
+                name="fold alpha (float32)",
+                exactness=Exactness.ROUNDED,
+                modules=len(scaled),
+                detail="up *= alpha/rank, written as float32",
             )
         else:
             metadata[METADATA_KEY] = self._config_entry(adapters, loras)
