@@ -198,6 +198,16 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
     )
 
 
+def spelled_alike(match: Match) -> bool:
+    """Whether another naming spells this module the same way (SD3's `context_embedder`)."""
+    component, path = match.component, match.path
+    name = component.name_in(path, match.naming)
+    return any(
+        other != match.naming and component.nameable(path, other) and component.name_in(path, other) == name
+        for other in component.naming_names()
+    )
+
+
 def _claimed(family: Family, parts: list[Part]) -> bool:
     """Whether a file's metadata names `family` as its base model (keys the formats declare)."""
     from .plugins import registry
@@ -286,7 +296,8 @@ def assemble_parts(
                 raise UnsupportedError(f"{match.module.key}: {refusal.message}", path=where) from None
             reordered += 1
         modules[key], origin[key] = adapter, match.module.key
-        used.setdefault((match.module.flat, match.component.name), Counter())[match.naming] += 1
+        if not spelled_alike(match):  # a name several namings share says nothing about which one
+            used.setdefault((match.module.flat, match.component.name), Counter())[match.naming] += 1
     namings = {"flat": {}, "dotted": {}}
     for (flat, component), counts in used.items():
         (naming, _), *others = counts.most_common()

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from .alpha_values import read_alphas_of
-from .assemble import Match, Part, Resolution
+from .assemble import Match, Part, Resolution, spelled_alike
 from .detection_result import ComponentSummary, Detection, ModuleGroup
 from .families import CANONICAL, Component
 from .format_choice import FormatChoice
@@ -53,7 +53,8 @@ def signatures(parts: Iterable[tuple[Header, list[Match]]]) -> Counter[Signature
     tables: dict[int, tuple[dict[str, str], dict]] = {}  # per component: block and layer by path
     for header, matches in parts:
         tensors = header.tensors
-        for module, component, path, naming in matches:
+        for match in matches:
+            module, component, path, naming = match
             table = tables.get(id(component))
             if table is None:
                 table = tables[id(component)] = (blocks(component), component.modules)
@@ -66,7 +67,7 @@ def signatures(parts: Iterable[tuple[Header, list[Match]]]) -> Counter[Signature
                 tensors[up or next(iter(roles.values()))].dtype,
                 module.algorithm,
                 table[1][path].kind,
-                naming,
+                "" if spelled_alike(match) else naming,  # a name namings share tells nothing
             )
             counts[key] += 1
     return counts
@@ -151,7 +152,10 @@ def _matches_by_header(parts: list[Part], winner: Resolution) -> list[tuple[Head
 
 
 def _naming(seen: Counter) -> str:
-    """The naming a component's names use; `mixed (a N, b M)` when a file mixes them."""
+    """The naming a component's names use; `mixed (a N, b M)` when a file mixes them. Names several
+    namings share ("") count for whichever the others use."""
+    if len(seen) > 1:
+        seen = Counter({naming: count for naming, count in seen.items() if naming})
     if len(seen) == 1:
-        return next(iter(seen))
+        return next(iter(seen)) or "canonical"
     return "mixed (" + ", ".join(f"{n} {c}" for n, c in seen.most_common()) + ")"
