@@ -51,8 +51,51 @@ def encode(values: np.ndarray, dtype: str) -> bytes | None:
     return narrow.tobytes()
 
 
+#: dtype -> (unsigned view, mantissa bits, largest exponent field): IEEE layouts for bit-level shifts.
+_LAYOUT = {"F16": ("<u2", 10, 0x1F), "BF16": ("<u2", 7, 0xFF), "F32": ("<u4", 23, 0xFF)}
+
+
+def _shift_bits(data: bytes, dtype: str, log2: int) -> bytes | None:
+    """data * 2**log2 in its own dtype by adding to the exponent field of every normal value whose
+    result stays normal; the few others (subnormals, values near the range's ends) go through
+    `shifted`'s float path. None when any value cannot be shifted exactly."""
+    import numpy as np
+
+    view, mantissa, top = _LAYOUT[dtype]
+    bits = np.frombuffer(data, dtype=view)
+    kind = bits.dtype.type
+    magnitude = bits & kind((1 << (bits.itemsize * 8 - 1)) - 1)
+    nonzero = magnitude != 0
+    # normal before and after: exponent field in [max(1, 1 - log2), min(top, top - log2))
+    low, high = max(1, 1 - log2) << mantissa, min(top, top - log2) << mantissa
+    edge = nonzero & ((magnitude < kind(low)) | (magnitude >= kind(high))) if low < high else nonzero
+    rest = None
+    if edge.any():  # few values, through the float path; any inexact one ends it early
+        rest = _shift_values(bits[edge].tobytes(), dtype, log2, dtype)
+        if rest is None:
+            return None
+    step = kind(abs(log2) << mantissa)
+    out = np.where(nonzero, bits + step if log2 >= 0 else bits - step, bits)
+    if rest is not None:
+        out[edge] = np.frombuffer(rest, dtype=view)
+    return out.tobytes()
+
+
 def shifted(data: bytes, dtype: str, log2: int, out_dtype: str) -> bytes | None:
     """data * 2**log2 as `out_dtype`, only if exact."""
+
+    if dtype == out_dtype and dtype in _LAYOUT:
+        return _shift_bits(data, dtype, log2)
+    if (dtype, out_dtype) == ("F16", "F32") and abs(log2) <= 100:
+        # every fp16 value (subnormals included) times 2**±100 is a normal float32: always exact
+        import numpy as np
+
+        return (decode(data, dtype) * np.float32(2.0**log2)).tobytes()
+    return _shift_values(data, dtype, log2, out_dtype)
+
+
+def _shift_values(data: bytes, dtype: str, log2: int, out_dtype: str) -> bytes | None:
+    """`shifted` through float arithmetic: decode, scale, check that scaling back gives the input."""
     import numpy as np
 
     values = decode(data, dtype)
