@@ -71,6 +71,8 @@ def _examples(items: list[str], limit: int = 3) -> str:
 
 
 _UNSEEN = object()
+#: Modules resolved first, spread over the file, before a family gets the full pass.
+SAMPLE = 32
 
 
 def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
@@ -96,7 +98,17 @@ def resolve_all(parsed: ParsedFile, header: Header, families: Iterable[Family]) 
         signatures.append(kinds.setdefault(tuple(signature), len(kinds)))
     shapes = {i: dict(zip(s[1::2], s[2::2], strict=True)) for s, i in kinds.items()}
     verdicts: dict[tuple[int, int], str | None] = {}
-    return [_resolve(parsed.modules, signatures, shapes, family, verdicts) for family in families]
+    modules = parsed.modules
+    step = len(modules) // SAMPLE if len(modules) > 2 * SAMPLE else 0
+    results = []
+    for family in families:
+        if step:  # a family that knows none of a sample's names cannot fit: skip the full pass
+            probe = _resolve(modules[::step], signatures[::step], shapes, family, verdicts)
+            if not probe.matches and not probe.misfit:
+                results.append(Resolution(family, unknown=[module.key for module in modules]))
+                continue
+        results.append(_resolve(modules, signatures, shapes, family, verdicts))
+    return results
 
 
 def _resolve(

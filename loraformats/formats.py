@@ -7,6 +7,7 @@ core resolves those names against the registered families.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -98,6 +99,20 @@ class Format:
     def sniff(self, header: Header) -> Evidence:
         """How much the header's names look like this format. Must not read tensor data."""
         raise NotImplementedError
+
+    @staticmethod
+    def none_of_a_sample(header: Header, claims: Callable[[str], object], size: int = 64) -> Evidence | None:
+        """Evidence 0 when none of `size` names spread over the header is `claims`ed (detection sniffs
+        every file with every format: a dialect need not read 5,000 names to see it is absent)."""
+        names = list(header.tensors)
+        if len(names) <= size:
+            return None
+        sample = names[:: len(names) // size]
+        if any(claims(name) for name in sample):
+            return None
+        return Evidence(
+            0.0, against=[f"none of {len(sample)} names sampled across the file, e.g. {sample[0]!r}"]
+        )
 
     def parse(self, header: Header) -> ParsedFile:
         """Group every tensor of the header into modules, or list it as unsupported."""

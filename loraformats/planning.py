@@ -159,7 +159,7 @@ def _refusal(
         f"{target.name} cannot hold {feature} ({key[0]}:{key[1]}) and no exact re-expression is installed"
     )
     if not allow_lossy and best_route(adapter, layer, target.capabilities, edges, True) is not None:
-        message += "; an approximate one is: pass --allow-lossy"
+        message += "; an approximate one is installed (allow_lossy=True in the Python API)"
     elif feature.startswith(("full.bias", "norm")):
         message += " (bias and norm-layer deltas have no LoRA form)"
     return UnsupportedError(message, path=adapters.provenance.path)

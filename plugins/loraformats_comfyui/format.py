@@ -60,6 +60,9 @@ class ComfyUIFormat(KohyaFormat):
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
+        absent = self.none_of_a_sample(header, _split)
+        if absent is not None:
+            return absent
         ours = [n for n in names if _split(n) is not None]
         evidence = Evidence(len(ours) / len(names))
         if ours:

@@ -58,12 +58,14 @@ class AiToolkitFormat(DiffusersFormat):
     reads_adapter_metadata: ClassVar[bool] = False
 
     def sniff(self, header: Header) -> Evidence:
+        """diffusers' names confirmed by the `software` entry; without it the file is diffusers' (and
+        the names are not sniffed twice)."""
+        if not written_by_ai_toolkit(header.metadata):
+            return Evidence(
+                0.0, against=["no software metadata naming ai-toolkit (diffusers' own files have none)"]
+            )
         evidence = DiffusersFormat.sniff(self, header)
-        if written_by_ai_toolkit(header.metadata):
-            evidence.reasons.append("its software metadata names ai-toolkit")
-        else:
-            evidence.score = min(evidence.score, 0.99)
-            evidence.against.append("no software metadata naming ai-toolkit (diffusers' own files have none)")
+        evidence.reasons.append("its software metadata names ai-toolkit")
         return evidence
 
     def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:

@@ -52,6 +52,9 @@ class OriginalNamesFormat(Format):
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
+        absent = self.none_of_a_sample(header, lambda n: self._split(n) or self._not_delta(n))
+        if absent is not None:
+            return absent
         ours = sum(1 for n in names if self._split(n) or self._not_delta(n))
         evidence = Evidence(ours / len(names))
         if ours:

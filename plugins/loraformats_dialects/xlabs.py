@@ -34,6 +34,9 @@ class XLabsFormat(Format):
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
+        absent = self.none_of_a_sample(header, KEY.match)
+        if absent is not None:
+            return absent
         ours = sum(1 for name in names if KEY.match(name))
         evidence = Evidence(ours / len(names))
         if ours:
