@@ -192,6 +192,16 @@ def main() -> None:
                     str(out),
                 ],
                 "loraformats": [*cli, str(source), "--to", "diffusers", "-o", str(out), "--force"],
+                "loraformats, no NaN scan": [
+                    *cli,
+                    str(source),
+                    "--to",
+                    "diffusers",
+                    "-o",
+                    str(out),
+                    "--force",
+                    "--no-value-check",
+                ],
             }
             if args.skip_diffusers or rank > 64:
                 methods.pop("diffusers")
@@ -210,6 +220,16 @@ def main() -> None:
                 "cp (output size)": ["cp", str(sized), str(out)],
                 "load_file+save_file": [python, "-c", NAIVE, str(source), str(out)],
                 "loraformats": [*cli, str(source), "--to", target, "-o", str(out), "--force"],
+                "loraformats, no NaN scan": [
+                    *cli,
+                    str(source),
+                    "--to",
+                    target,
+                    "-o",
+                    str(out),
+                    "--force",
+                    "--no-value-check",
+                ],
             }
             if layout == "kohya" and not args.skip_diffusers:
                 methods["diffusers"] = [
