@@ -217,16 +217,16 @@ def make_peft_flux(
     targets: list[str] | str = PEFT_FLUX_TARGETS,
     dtype: torch.dtype = torch.float32,
     text_encoder: bool = False,
+    family_name: str = "tiny-flux",
     **patterns: Any,
 ) -> Path:
-    """A Flux LoRA trained-and-saved the diffusers way: `add_adapter(LoraConfig(...))` on the tiny
-    transformer (and CLIP), every lora_A / lora_B randomised N(0, 1) (PEFT zeroes B), saved by
-    `FluxPipeline.save_lora_weights` with the configs as adapter metadata."""
-    from diffusers import FluxPipeline
+    """A Flux (or SD3) LoRA trained-and-saved the diffusers way: `add_adapter(LoraConfig(...))` on the
+    tiny transformer (and CLIP), every lora_A / lora_B randomised N(0, 1) (PEFT zeroes B), saved by
+    the pipeline's `save_lora_weights` with the configs as adapter metadata."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = build_dit_pipeline("tiny-flux", seed=seed + 1000)
+    pipe = build_dit_pipeline(family_name, seed=seed + 1000)
     generator = torch.Generator().manual_seed(seed)
     models = {"transformer": LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, **patterns)}
     if text_encoder:  # with out_proj: diffusers' Kohya CLIP path tells its key style by `to_out_lora` only
@@ -244,7 +244,7 @@ def make_peft_flux(
         state = get_peft_model_state_dict(model)
         kwargs[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in state.items()}
         kwargs[f"{name}_lora_adapter_metadata"] = config.to_dict()
-    FluxPipeline.save_lora_weights(directory, **kwargs)
+    type(pipe).save_lora_weights(directory, **kwargs)
     return directory / "pytorch_lora_weights.safetensors"
 
 
@@ -413,6 +413,31 @@ def test_kohya_flux_converted_to_diffusers_changes_every_module_as_the_source(tm
     assert_same_changes(expected, changes)
 
 
+@pytest.mark.parametrize(
+    ("family_name", "components"),
+    [
+        pytest.param("tiny-flux", FLUX_COMPONENTS, id="flux"),
+        pytest.param("tiny-sd3", SD3_COMPONENTS, id="sd3"),
+    ],
+)
+def test_comfyui_converted_to_diffusers_changes_every_module_as_the_source(tmp_path, family_name, components):
+    """ComfyUI's layout (`diffusion_model.` + original names, `text_encoders.<encoder>.transformer.`)
+    -> diffusers -> fused in the pipeline: the same per-module change as the source by definition."""
+    needs_format("comfyui")
+    source, output = tmp_path / "comfyui.safetensors", tmp_path / "diffusers.safetensors"
+    stems = make_original(source, family_name, style="comfyui", components=components, dtype=BF16, seed=7)
+    assert any(stem.startswith("diffusion_model.") for stem in stems)
+    assert any(stem.startswith("text_encoders.clip_l.transformer.") for stem in stems)
+    report = loraformats.convert(source, "diffusers", output, family=family_name)
+    assert report.source_format == "comfyui"
+    expected = reference_deltas(source, family_name)
+
+    changes, counts = apply_in_diffusers(family_name, output, components)
+
+    assert counts == per_component(expected, components)
+    assert_same_changes(expected, changes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kohya_sd3_converted_to_diffusers_changes_every_module_as_the_source(tmp_path, dtype):
     """MMDiT-named Kohya SD3 (fused attn/attn2/context qkv, conv patch embedding, swapped final and last
@@ -511,6 +536,43 @@ def test_diffusers_saved_flux_lora_converted_to_original_names_changes_every_mod
     subset = {key: expected[key] for key in reference_deltas(readable, "tiny-flux")}
     assert their_counts == per_component(subset, components)
     assert_same_changes(subset, theirs)
+
+
+#: PEFT (suffix-matched) targets of the diffusers-saved SD3 sources: every Linear of the transformer.
+PEFT_SD3_TARGETS = [
+    "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+    "norm1.linear", "norm1_context.linear", "norm_out.linear", "ff.net.0.proj", "ff.net.2",
+    "ff_context.net.0.proj", "ff_context.net.2", "proj_out", "context_embedder", "linear_1", "linear_2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("target", ["kohya", "comfyui"])
+def test_diffusers_saved_sd3_lora_converted_to_original_names_changes_every_module_alike(tmp_path, target):
+    """An SD3 LoRA diffusers saved from PEFT adapters (attn2 included) -> Kohya / ComfyUI (MMDiT names,
+    fused qkv, both adaLN swaps): the output's own ΔW (float64 from its raw tensors) is the change
+    diffusers makes when it loads the original file."""
+    needs_format(target)
+    source = make_peft_flux(
+        tmp_path / "peft", lora_alpha=6, targets=PEFT_SD3_TARGETS, family_name="tiny-sd3", seed=9
+    )
+    output = tmp_path / f"{target}.safetensors"
+    expected_all, counts = apply_in_diffusers("tiny-sd3", source, ("transformer",))
+    expected = {key: delta for key, delta in expected_all.items() if key in changed(expected_all)}
+    assert (
+        len(expected) == sum(counts.values()) == sum(n.endswith(".lora_A.weight") for n in load_file(source))
+    )
+
+    loraformats.convert(source, target, output, family="tiny-sd3")
+
+    transformer = tiny_dit_family("tiny-sd3").components["transformer"]
+    fused = ("transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn2.to_qkv",
+             "transformer_blocks.1.attn.to_added_qkv", "norm_out.linear")  # fmt: skip
+    stems = file_stems(output)
+    assert {STYLES[target](transformer, path) for path in fused} <= stems
+    assert not any(re.search(r"to_q|to_k|to_v|add_._proj", stem) for stem in stems), stems
+    reference = reference_deltas(output, "tiny-sd3")
+    assert set(reference) == set(expected)
+    assert not worst(expected, reference)
 
 
 ROUND_TRIP_FAMILIES = [
