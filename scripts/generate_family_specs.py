@@ -159,6 +159,19 @@ FLUX1_DEV: dict[str, Any] = {
     "guidance_embeds": True,
 }
 
+#: black-forest-labs/FLUX.2-dev (the class's defaults): 8 double and 48 single blocks, 6144 wide.
+FLUX2_DEV: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "mlp_ratio": 3.0,
+    "guidance_embeds": True,
+}
+
 #: stabilityai/stable-diffusion-3-medium-diffusers
 SD3_MEDIUM: dict[str, Any] = {
     "sample_size": 128,
@@ -251,6 +264,13 @@ def dit_families() -> dict[str, dict[str, Any]]:
             "denoiser": ("flux", FLUX1_DEV),
             # T5 is text_encoder_2 in diffusers; sd-scripts writes lora_te3_, OneTrainer lora_te2_
             "text_encoders": [clip_l_plain, dit.t5_component(T5_XXL, slot=2, slots=[3, 2])],
+        },
+        "flux2": {
+            "label": "FLUX.2 (dev)",
+            "description": "Black Forest Labs' FLUX.2 dev: 8 double-stream and 48 single-stream blocks "
+            "(6144 wide) with shared modulation; its Mistral text encoder has no table here.",
+            "denoiser": ("flux2", FLUX2_DEV),
+            "text_encoders": [],
         },
         "sd3": {
             "label": "Stable Diffusion 3 Medium",

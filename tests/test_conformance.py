@@ -50,7 +50,9 @@ class TestBflControl(FormatConformance):
     format_name = "bfl-control"
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "flux1", "sd3", "sd3.5-medium", "sd3.5-large"])
+@pytest.mark.parametrize(
+    "name", ["sd1", "sd2", "sdxl", "flux1", "flux2", "sd3", "sd3.5-medium", "sd3.5-large"]
+)
 class TestFamilies(FamilyConformance):
     @pytest.fixture
     def family(self, name):

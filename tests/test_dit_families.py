@@ -28,7 +28,7 @@ FLUX_EXTRAS = (
 FLUX_SINGLE_EXTRAS = ("single_blocks.{i}.norm.query_norm.scale", "single_blocks.{i}.norm.key_norm.scale")
 
 
-def original_checkpoint(family: Family) -> tuple[dict, dict]:
+def original_checkpoint(family: Family, suffixes: tuple[str, ...] = ("weight", "bias")) -> tuple[dict, dict]:
     """(original checkpoint, expected diffusers tensors) built from the family's tables."""
     component = family.components["transformer"]
     naming = component.native_naming
@@ -37,7 +37,7 @@ def original_checkpoint(family: Family) -> tuple[dict, dict]:
     for path, layer in component.modules.items():
         if path in component.groups:
             continue
-        for suffix in ("weight", "bias"):
+        for suffix in suffixes:
             values = torch.arange(counter, counter + layer.out_features, dtype=torch.float64)
             expected[f"{path}.{suffix}"] = values.reshape(-1, 1) if suffix == "weight" else values
             counter += layer.out_features
@@ -45,7 +45,7 @@ def original_checkpoint(family: Family) -> tuple[dict, dict]:
     for path in component.named_paths(naming):
         name = component.name_in(path, naming)
         members = component.groups.get(path, (path,))
-        for suffix in ("weight", "bias"):
+        for suffix in suffixes:
             stacked = torch.cat([expected[f"{m}.{suffix}"] for m in members])
             order = component.row_order(path, naming)
             if order is not None:
@@ -165,3 +165,52 @@ def test_text_encoder_numbering_comes_from_the_family():
     sd3 = registry.families()["sd3.5-large"]
     assert [c.encoder for c in sd3.text_encoders()] == ["clip_l", "clip_g", "t5xxl"]
     assert sd3.find_components(ComponentHint(role="text_encoder", slot=2))[0].encoder == "clip_g"
+
+
+def test_flux2_tables_match_diffusers_single_file_conversion():
+    """FLUX.2 dev: shared modulation, fused q/k/v in double blocks, one fused projection per single
+    block that diffusers keeps whole, and the final adaLN swap."""
+    family = registry.families()["flux2"]
+    checkpoint, expected = original_checkpoint(family, ("weight",))  # FLUX.2's Linears have no bias
+    component = family.components["transformer"]
+    for i in range(blocks(component, "transformer_blocks.")):
+        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_EXTRAS})
+    for i in range(blocks(component, "single_transformer_blocks.")):
+        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_SINGLE_EXTRAS})
+    converted = single_file.convert_flux2_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    for key, tensor in expected.items():
+        assert torch.equal(converted[key], tensor), key
+    assert component.modules["single_transformer_blocks.0.attn.to_qkv_mlp_proj"].out_features == 55296
+
+
+def test_flux1_and_flux2_are_told_apart_by_shape():
+    import json
+    import struct
+
+    import loraformats
+
+    def header(family: str, paths: list[str]) -> bytes:
+        component = registry.families()[family].components["transformer"]
+        doc, offset = {}, 0
+        for path in paths:
+            layer = component.modules[path]
+            stem = "lora_unet_" + component.name_in(path, "bfl").replace(".", "_")
+            for suffix, shape in (
+                (".lora_down.weight", [4, layer.in_features]),
+                (".lora_up.weight", [layer.out_features, 4]),
+            ):
+                size = shape[0] * shape[1] * 2
+                doc[stem + suffix] = {
+                    "dtype": "BF16",
+                    "shape": shape,
+                    "data_offsets": [offset, offset + size],
+                }
+                offset += size
+        raw = json.dumps(doc).encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    qkv = ["transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn.to_out.0"]
+    assert loraformats.detect(header("flux1", qkv)).family == "flux1"
+    second = loraformats.detect(header("flux2", qkv))
+    assert second.family == "flux2"
+    assert any("not flux1" in reason for reason in second.reasons)

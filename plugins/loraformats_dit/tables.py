@@ -71,6 +71,33 @@ XLABS_DOUBLE = {
 }
 XLABS_SINGLE = {"attn.to_qkv": "processor.qkv_lora", "proj_out": "processor.proj_lora"}
 
+#: FLUX.2 (BFL) names: modulation is shared by all blocks, the single block's fused projection is
+#: one diffusers module too (`attn.to_qkv_mlp_proj`), so only the double blocks' q/k/v are groups.
+FLUX2_DOUBLE = {
+    "attn.to_qkv": "img_attn.qkv",
+    "attn.to_added_qkv": "txt_attn.qkv",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+}
+FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+FLUX2_TOP = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+
 #: SD3 (MMDiT) names inside a joint block (`transformer_blocks.N.` -> `joint_blocks.N.`).
 MMDIT_BLOCK = {
     "norm1.linear": "x_block.adaLN_modulation.1",
@@ -216,6 +243,24 @@ def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def flux2_component(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec of a `Flux2Transformer2DModel(**config)`: diffusers paths, groups, the BFL naming."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**config)
+    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}
+    groups = _grouped(modules, {"transformer_blocks": FLUX_DOUBLE_GROUPS})
+    blocks = {
+        "transformer_blocks": ("double_blocks", FLUX2_DOUBLE),
+        "single_transformer_blocks": ("single_blocks", FLUX2_SINGLE),
+    }
+    naming = _naming(modules, groups, FLUX2_TOP, blocks)
+    swaps = {"norm_out.linear": _swap_halves(modules["norm_out.linear"][2])}
+    return _denoiser(model, config, modules, groups, "bfl", naming, swaps)
+
+
 def sd3_component(config: Mapping[str, Any]) -> dict[str, Any]:
     """The spec of an `SD3Transformer2DModel(**config)`: diffusers paths, groups, the MMDiT naming.
     The last joint block is context `pre_only`: its context adaLN has two chunks, (shift, scale) in
@@ -292,7 +337,7 @@ def family_spec(
     import transformers
 
     kind, config = denoiser
-    build = {"flux": flux_component, "sd3": sd3_component}[kind]
+    build = {"flux": flux_component, "flux2": flux2_component, "sd3": sd3_component}[kind]
     components: dict[str, Any] = {"transformer": build(config)}
     for index, spec in enumerate(text_encoders, start=1):
         components["text_encoder" if index == 1 else f"text_encoder_{index}"] = spec
