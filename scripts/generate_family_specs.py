@@ -159,6 +159,20 @@ FLUX1_DEV: dict[str, Any] = {
     "guidance_embeds": True,
 }
 
+#: lodestones/Chroma: FLUX.1 schnell's blocks without modulation, plus a guidance approximator.
+CHROMA: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "approximator_num_channels": 64,
+    "approximator_hidden_dim": 5120,
+    "approximator_layers": 5,
+}
+
 #: black-forest-labs/FLUX.2-dev (the class's defaults): 8 double and 48 single blocks, 6144 wide.
 FLUX2_DEV: dict[str, Any] = {
     "patch_size": 1,
@@ -264,6 +278,13 @@ def dit_families() -> dict[str, dict[str, Any]]:
             "denoiser": ("flux", FLUX1_DEV),
             # T5 is text_encoder_2 in diffusers; sd-scripts writes lora_te3_, OneTrainer lora_te2_
             "text_encoders": [clip_l_plain, dit.t5_component(T5_XXL, slot=2, slots=[3, 2])],
+        },
+        "chroma": {
+            "label": "Chroma",
+            "description": "lodestones' Chroma: FLUX.1's 19 double and 38 single blocks without their "
+            "modulation layers, a distilled guidance approximator, and T5-XXL alone (sd-scripts: te3).",
+            "denoiser": ("chroma", CHROMA),
+            "text_encoders": [dit.t5_component(T5_XXL, slot=1, slots=[3, 1])],
         },
         "flux2": {
             "label": "FLUX.2 (dev)",

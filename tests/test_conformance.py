@@ -51,7 +51,7 @@ class TestBflControl(FormatConformance):
 
 
 @pytest.mark.parametrize(
-    "name", ["sd1", "sd2", "sdxl", "flux1", "flux2", "sd3", "sd3.5-medium", "sd3.5-large"]
+    "name", ["sd1", "sd2", "sdxl", "flux1", "flux2", "chroma", "sd3", "sd3.5-medium", "sd3.5-large"]
 )
 class TestFamilies(FamilyConformance):
     @pytest.fixture

@@ -210,7 +210,29 @@ def test_flux1_and_flux2_are_told_apart_by_shape():
         return struct.pack("<Q", len(raw)) + raw
 
     qkv = ["transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn.to_out.0"]
-    assert loraformats.detect(header("flux1", qkv)).family == "flux1"
+    with_modulation = [*qkv, "transformer_blocks.0.norm1.linear"]
+    assert loraformats.detect(header("flux1", with_modulation)).family == "flux1"
+    shared = loraformats.detect(header("flux1", qkv))  # Chroma has these too, with the same shapes
+    assert shared.family == "ambiguous"
+    assert {"flux1", "chroma"} <= {c.name for c in shared.families if c.score == 1.0}
     second = loraformats.detect(header("flux2", qkv))
     assert second.family == "flux2"
     assert any("not flux1" in reason for reason in second.reasons)
+
+
+def test_chroma_tables_match_diffusers_single_file_conversion():
+    """Chroma: FLUX.1's fused groups without modulation layers, plus the guidance approximator."""
+    family = registry.families()["chroma"]
+    checkpoint, expected = original_checkpoint(family)
+    component = family.components["transformer"]
+    for i in range(blocks(component, "transformer_blocks.")):
+        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_EXTRAS})
+    for i in range(blocks(component, "single_transformer_blocks.")):
+        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_SINGLE_EXTRAS})
+    for i in range(5):
+        checkpoint[f"distilled_guidance_layer.norms.{i}.scale"] = torch.ones(1)
+    converted = single_file.convert_chroma_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    for key, tensor in expected.items():
+        assert torch.equal(converted[key], tensor), key
+    assert "transformer_blocks.0.norm1.linear" not in component.modules
+    assert family.components["text_encoder"].encoder == "t5xxl"

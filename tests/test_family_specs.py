@@ -20,6 +20,7 @@ LABELS = {
     "sdxl": "Stable Diffusion XL",
     "flux1": "FLUX.1",
     "flux2": "FLUX.2 (dev)",
+    "chroma": "Chroma",
     "sd3": "Stable Diffusion 3 Medium",
     "sd3.5-medium": "Stable Diffusion 3.5 Medium",
     "sd3.5-large": "Stable Diffusion 3.5 Large",

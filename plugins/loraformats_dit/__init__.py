@@ -6,6 +6,7 @@ from loraformats.hookspecs import hookimpl
 
 FAMILIES = {
     "flux1": "FLUX.1 (dev, schnell, Kontext)",
+    "chroma": "Chroma",
     "flux2": "FLUX.2 (dev)",
     "sd3": "Stable Diffusion 3 Medium",
     "sd3.5-medium": "Stable Diffusion 3.5 Medium",
@@ -24,6 +25,7 @@ ALIASES = {
         "flux.1-schnell",
         "flux_kontext",
     ),
+    "chroma": ("chroma",),
     "flux2": ("flux.2-dev", "flux_2_dev", "flux-2-dev"),
     "sd3": ("sd3", "medium", "stable-diffusion-3-medium"),
     "sd3.5-medium": ("5-medium", "stable-diffusion-3-5-medium", "stable-diffusion-3.5-medium"),

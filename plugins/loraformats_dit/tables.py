@@ -243,6 +243,33 @@ def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def chroma_component(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec of a `ChromaTransformer2DModel(**config)`: FLUX.1's blocks without their modulation
+    layers, plus the distilled guidance approximator; no final adaLN, so no row swap."""
+    import torch
+    from diffusers import ChromaTransformer2DModel
+
+    with torch.device("meta"):
+        model = ChromaTransformer2DModel(**config)
+    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}
+    groups = _grouped(
+        modules, {"transformer_blocks": FLUX_DOUBLE_GROUPS, "single_transformer_blocks": FLUX_SINGLE_GROUPS}
+    )
+    approximator = "distilled_guidance_layer"
+    top = {name: bfl for name, bfl in FLUX_TOP.items() if name in modules}
+    top[f"{approximator}.in_proj"] = f"{approximator}.in_proj"
+    top[f"{approximator}.out_proj"] = f"{approximator}.out_proj"
+    for i in range(model.config.approximator_layers):
+        top[f"{approximator}.layers.{i}.linear_1"] = f"{approximator}.layers.{i}.in_layer"
+        top[f"{approximator}.layers.{i}.linear_2"] = f"{approximator}.layers.{i}.out_layer"
+    blocks = {
+        "transformer_blocks": ("double_blocks", FLUX_DOUBLE),
+        "single_transformer_blocks": ("single_blocks", FLUX_SINGLE),
+    }
+    naming = _naming(modules, groups, top, blocks)
+    return _denoiser(model, config, modules, groups, "bfl", naming, {})
+
+
 def flux2_component(config: Mapping[str, Any]) -> dict[str, Any]:
     """The spec of a `Flux2Transformer2DModel(**config)`: diffusers paths, groups, the BFL naming."""
     import torch
@@ -337,7 +364,12 @@ def family_spec(
     import transformers
 
     kind, config = denoiser
-    build = {"flux": flux_component, "flux2": flux2_component, "sd3": sd3_component}[kind]
+    build = {
+        "flux": flux_component,
+        "chroma": chroma_component,
+        "flux2": flux2_component,
+        "sd3": sd3_component,
+    }[kind]
     components: dict[str, Any] = {"transformer": build(config)}
     for index, spec in enumerate(text_encoders, start=1):
         components["text_encoder" if index == 1 else f"text_encoder_{index}"] = spec

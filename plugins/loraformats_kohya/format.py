@@ -184,7 +184,9 @@ class KohyaFormat(Format):
     def prefix(family: Family, component: Component) -> str:
         if component.role == "denoiser":
             return "lora_unet"
-        return "lora_te" if len(family.text_encoders()) == 1 else f"lora_te{component.slots[0]}"
+        # sd-scripts numbers encoders when a family has several, and Chroma's lone T5 as te3
+        alone = len(family.text_encoders()) == 1 and component.slots[:1] in ((), (1,))
+        return "lora_te" if alone else f"lora_te{component.slots[0]}"
 
     def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
         options = options or KohyaOptions()
