@@ -159,13 +159,19 @@ Part = tuple[Header, ParsedFile]
 
 def resolve_parts(parts: list[Part], family: Family) -> Resolution:
     """`resolve` over several files read together (e.g. one PEFT directory per component)."""
-    combined = Resolution(family)
+    return resolve_parts_all(parts, [family])[0]
+
+
+def resolve_parts_all(parts: list[Part], families: Iterable[Family]) -> list[Resolution]:
+    """`resolve_parts` for several families, each part's shapes read once (`resolve_all`)."""
+    families = list(families)
+    combined = [Resolution(family) for family in families]
     for header, parsed in parts:
-        single = resolve(parsed, header, family)
-        combined.matches += single.matches
-        combined.unknown += single.unknown
-        combined.misfit += single.misfit
-        combined.misfit_layers.update(single.misfit_layers)
+        for total, single in zip(combined, resolve_all(parsed, header, families), strict=True):
+            total.matches += single.matches
+            total.unknown += single.unknown
+            total.misfit += single.misfit
+            total.misfit_layers.update(single.misfit_layers)
     return combined
 
 
@@ -181,7 +187,7 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
                 f"does not fit family {context.family}: {resolution.summary()}", path=where
             )
         return resolution
-    resolutions = [resolve_parts(parts, family) for family in context.families.values()]
+    resolutions = resolve_parts_all(parts, context.families.values())
     fitting = [r for r in resolutions if r.fits]
     if len(fitting) == 1:
         return fitting[0]
