@@ -97,6 +97,9 @@ def _identity(result: Detection, width: int) -> list[str]:
         _field("format", fmt, width),
         _field("family", f"{family}; confidence {result.confidence:.2f}", width),
     ]
+    if result.releases:
+        shown = ", ".join(result.releases)
+        lines.append(_field("release", f"ambiguous: {shown}" if len(result.releases) > 1 else shown, width))
     if result.variant:
         lines.append(_field("naming", result.variant, width))
     if result.algorithms:
