@@ -42,24 +42,23 @@ def stack_rows(parts: list[Adapter | None], layers: list[Layer]) -> Fused:
     present = [p for p in parts if p is not None]
     if not present:
         raise ValueError("nothing to stack")
-    if all(isinstance(p, DoRA) for p in present):
+    doras = [p for p in present if isinstance(p, DoRA)]
+    if doras:
+        if len(doras) < len(present):
+            raise UnsupportedError("a group mixes DoRA and plain members; the plain rows have no magnitude")
         if len(present) < len(parts):
             raise UnsupportedError(
                 "a DoRA group misses members; their magnitudes would depend on the base weights"
             )
-        if any(p.axis != "output" for p in present):  # type: ignore[union-attr]
+        if any(dora.axis != "output" for dora in doras):
             raise UnsupportedError("an input-axis DoRA normalises whole columns; its members cannot be fused")
-        inner = stack_rows([p.inner for p in present], layers)  # type: ignore[union-attr]
-        magnitude = ConcatRows(
-            [_rows_first(p.magnitude, layer) for p, layer in zip(present, layers, strict=True)]
-        )  # type: ignore[union-attr]
-        return Fused(DoRA(inner.adapter, magnitude, "output"), inner.exactness, inner.how)  # type: ignore[arg-type]
-    if any(isinstance(p, DoRA) for p in present):
-        raise UnsupportedError("a group mixes DoRA and plain members; the plain rows have no magnitude")
+        inner = stack_rows([dora.inner for dora in doras], layers)
+        pieces = [_rows_first(dora.magnitude, layer) for dora, layer in zip(doras, layers, strict=True)]
+        return Fused(DoRA(inner.adapter, ConcatRows(pieces), "output"), inner.exactness, inner.how)
     if all(isinstance(p, Full) for p in present):
-        return _stack_full(parts, layers)  # type: ignore[arg-type]
+        return _stack_full(parts, layers)
     if all(isinstance(p, LoRA) and p.mid is None for p in present):
-        return _stack_loras(parts, layers)  # type: ignore[arg-type]
+        return _stack_loras(parts, layers)
     kinds = sorted({p.algorithm for p in present})
     raise UnsupportedError(f"{'/'.join(kinds)} members cannot be stacked as they are")
 
@@ -68,10 +67,10 @@ def reorder_rows(adapter: Adapter, ranges: tuple[tuple[int, int], ...], layer: L
     """The adapter with its output rows taken range by range (a permutation of row blocks). An
     input-axis DoRA keeps its magnitude: permuting rows leaves every column's norm as it was."""
     if isinstance(adapter, DoRA) and adapter.axis == "input":
-        return DoRA(reorder_rows(adapter.inner, ranges, layer), adapter.magnitude, "input")  # type: ignore[arg-type]
+        return DoRA(reorder_rows(adapter.inner, ranges, layer), adapter.magnitude, "input")
     parts = [adapter.rows(start, stop) for start, stop in ranges]
     layers = [Layer(layer.kind, layer.in_features, stop - start, layer.kernel) for start, stop in ranges]
-    return stack_rows(parts, layers).adapter  # type: ignore[arg-type]
+    return stack_rows(parts, layers).adapter
 
 
 def inverse(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
