@@ -768,3 +768,26 @@ def test_flux_top_level_proj_out_pattern_stays_on_its_module(tmp_path, overrides
     assert len(expected) == 3
     changes, _ = apply_in_diffusers("tiny-flux", output, ["transformer"])
     assert_same_changes(expected, changes)
+
+
+@pytest.mark.parametrize(
+    ("family_name", "components"), [("tiny-flux", FLUX_COMPONENTS), ("tiny-sd3", SD3_COMPONENTS)]
+)
+def test_kohya_dit_converted_to_peft_merges_every_module_as_the_source(tmp_path, family_name, components):
+    """Kohya in original names -> a PEFT adapter directory per component -> `PeftModel.from_pretrained`
+    on the tiny model + `merge_and_unload`: every module changes by its slice of the fused ΔW."""
+    from peft import PeftModel
+
+    source, output = tmp_path / "kohya.safetensors", tmp_path / "peft"
+    make_original(source, family_name, components=components, dtype=F32, seed=21)
+    loraformats.convert(source, "peft", output, family=family_name)
+    expected = reference_deltas(source, family_name)
+    pipe = build_dit_pipeline(family_name)
+    family = tiny_dit_family(family_name)
+    before = snapshot(pipe, family, components)
+    for name in components:
+        model = PeftModel.from_pretrained(getattr(pipe, name), str(output / name))
+        setattr(pipe, name, model.merge_and_unload())
+    changes = module_changes(before, pipe)
+    assert sorted(p.name for p in output.iterdir()) == sorted(components)
+    assert_same_changes(expected, changes)
