@@ -236,3 +236,37 @@ def test_chroma_tables_match_diffusers_single_file_conversion():
         assert torch.equal(converted[key], tensor), key
     assert "transformer_blocks.0.norm1.linear" not in component.modules
     assert family.components["text_encoder"].encoder == "t5xxl"
+
+
+def mmdit_header(family: str, paths: list[str]) -> bytes:
+    import json
+    import struct
+
+    component = registry.families()[family].components["transformer"]
+    doc, offset = {}, 0
+    for path in paths:
+        layer = component.modules[path]
+        stem = "lora_unet_" + component.name_in(path, "mmdit").replace(".", "_")
+        for suffix, shape in (
+            (".lora_down.weight", [4, layer.in_features]),
+            (".lora_up.weight", [layer.out_features, 4]),
+        ):
+            size = shape[0] * shape[1] * 2
+            doc[stem + suffix] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+    raw = json.dumps(doc).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def test_sd3_medium_and_35_large_are_told_apart_and_35_medium_by_its_second_attention():
+    import loraformats
+
+    blocks0 = ["transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.ff.net.0.proj"]
+    large = loraformats.detect(mmdit_header("sd3.5-large", blocks0))
+    assert large.family == "sd3.5-large"
+    assert any(r.startswith("not sd3:") and "2432" in r for r in large.reasons)
+    medium = loraformats.detect(mmdit_header("sd3", blocks0))  # 3 and 3.5 Medium share these layers
+    assert medium.family == "ambiguous"
+    assert {"sd3", "sd3.5-medium"} == {c.name for c in medium.families if c.score == 1.0}
+    dual = loraformats.detect(mmdit_header("sd3.5-medium", [*blocks0, "transformer_blocks.0.attn2.to_qkv"]))
+    assert dual.family == "sd3.5-medium"
