@@ -152,16 +152,12 @@ def _block_diagonal(parts: list[LoRA | None], layers: list[Layer]) -> Fused:
         blocks.append(
             next(given) if part else Zeros(ups[0].dtype, (layer.out_features, 0, *ups[0].shape[2:]))
         )
-    fused = LoRA(ConcatRows(downs), BlockDiagonal(blocks), None, _f32_scalar(alpha_value), "rank")
+    fused = LoRA(ConcatRows(downs), BlockDiagonal(blocks), None, MemoryTensor.f32(alpha_value), "rank")
     return Fused(fused, exactness, "block-diagonal")
 
 
 def _as_f32(value: float) -> float:
     return struct.unpack("<f", struct.pack("<f", value))[0]
-
-
-def _f32_scalar(value: float) -> TensorData:
-    return MemoryTensor(struct.pack("<f", value), "F32", ())
 
 
 def _scaled(tensor: TensorData, factor: float) -> TensorData:

@@ -298,6 +298,11 @@ class MemoryTensor(TensorData):
         return self.data
 
     @classmethod
+    def f32(cls, value: float) -> MemoryTensor:
+        """A float32 scalar (an alpha), rounded to nearest, without torch."""
+        return cls(struct.pack("<f", value), "F32", ())
+
+    @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> MemoryTensor:
         return cls(torch_bytes(tensor), dtype_name(tensor.dtype), tuple(tensor.shape))
 

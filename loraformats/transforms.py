@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 from .adapters import Adapter, DoRA, Exactness, Full, LoHa, LoKr, LoRA, maths
 from .families import Layer
 from .hookspecs import hookimpl
-from .tensors import ComputedTensor, TensorData
+from .tensors import ComputedTensor, MemoryTensor, TensorData
 
 if TYPE_CHECKING:
     import torch
@@ -225,15 +225,10 @@ class BakeLokrScale(Transform):
         scale, w1 = lokr.scale, lokr.lokr_w1
         stated = float(lokr.peft_rank or 1)  # LyCORIS ignores it but needs one (it writes its lora_dim)
 
-        def alpha():
-            import torch
-
-            return torch.tensor(stated, dtype=torch.float32)
-
         return replace(
             lokr,
             lokr_w1=f32_tensor(lambda: maths.f64(w1) * scale, w1.shape),
-            alpha=ComputedTensor(alpha, "F32", ()),
+            alpha=MemoryTensor.f32(stated),
             convention="lycoris",
             peft_rank=None,
         )

@@ -389,7 +389,7 @@ def module_extras_of(
         )
     spellings = [path] + [path[len(a) :] for a in component.path_aliases if path.startswith(a)]
     settings = module_settings(config, spellings, roles["down"].shape[0], f"{where}: {component.name}.{path}")
-    alpha = MemoryTensor(_f32(settings["alpha"]), "F32", ())
+    alpha = MemoryTensor.f32(settings["alpha"])
     return {"alpha": alpha, "rank_scaling": settings["rank_scaling"]}
 
 
@@ -401,12 +401,6 @@ def _check_dora_per_component(adapters: AdapterSet) -> None:
             raise UnsupportedError(
                 f"{name} mixes DoRA and plain LoRA modules, which one LoraConfig cannot express"
             )
-
-
-def _f32(value: float) -> bytes:
-    import struct
-
-    return struct.pack("<f", value)
 
 
 def _exact_folds(scaled: dict[ModuleKey, LoRA]) -> dict[ModuleKey, tuple[str, int, str]] | None:

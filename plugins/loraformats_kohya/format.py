@@ -16,7 +16,7 @@ from loraformats.families import Component, ComponentHint, Family, Layer
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule
 from loraformats.header import Header
 from loraformats.report import Step
-from loraformats.tensors import ComputedTensor, TensorData
+from loraformats.tensors import MemoryTensor, TensorData
 
 from .describe import BASE_MODEL_KEYS, describe
 from .hashes import keeps_source_tensors, lycoris_model_hash, sshs_hashes
@@ -203,7 +203,7 @@ class KohyaFormat(Format):
             stem = self.module_stem(adapters.family, component, path, naming)
             alpha = adapter.alpha
             if adapter.rank_scaling != "rank":  # Kohya's scale is alpha / r: carry the scale, not the rule
-                alpha, rescaled = _alpha_tensor(adapter.scale * adapter.rank), rescaled + 1
+                alpha, rescaled = MemoryTensor.f32(adapter.scale * adapter.rank), rescaled + 1
             tensors.append((f"{stem}.lora_down.weight", adapter.down))
             tensors.append((f"{stem}.lora_up.weight", adapter.up))
             if adapter.mid is not None:
@@ -291,12 +291,3 @@ def _disagrees(text: str | None, value: float) -> bool:
 
 def _format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _alpha_tensor(value: float) -> TensorData:
-    def make():
-        import torch
-
-        return torch.tensor(value, dtype=torch.float32)
-
-    return ComputedTensor(make, "F32", ())

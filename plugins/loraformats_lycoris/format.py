@@ -26,7 +26,7 @@ from loraformats.families import Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
 from loraformats.report import Step
-from loraformats.tensors import ComputedTensor, TensorData
+from loraformats.tensors import MemoryTensor, TensorData
 from loraformats_kohya.format import (
     KohyaFormat,
     KohyaMetadata,
@@ -187,9 +187,9 @@ class LycorisFormat(KohyaFormat):
             inner = module.inner if isinstance(module, DoRA) else module
             roles = dict(inner.tensors())
             if isinstance(inner, LoRA) and inner.rank_scaling != "rank":
-                roles["alpha"], rescaled = _alpha_tensor(inner.scale * inner.rank), rescaled + 1
+                roles["alpha"], rescaled = MemoryTensor.f32(inner.scale * inner.rank), rescaled + 1
             elif "alpha" not in roles and inner.algorithm in ("loha", "lokr", "glora"):
-                roles["alpha"], added_alphas = _alpha_tensor(_stated_alpha(inner)), added_alphas + 1
+                roles["alpha"], added_alphas = MemoryTensor.f32(_stated_alpha(inner)), added_alphas + 1
             suffixes = GLORA_SUFFIX if isinstance(inner, GLoRA) else ROLE_SUFFIX
             tensors += [(f"{stem}.{suffixes.get(role, role)}", tensor) for role, tensor in roles.items()]
             if isinstance(module, DoRA):
@@ -305,12 +305,3 @@ def _stated_alpha(adapter: Adapter) -> float:
         rank = adapter.rank
         return float(rank) * adapter.scale if rank else float(adapter.peft_rank or 1)
     return float(adapter.rank) * adapter.scale
-
-
-def _alpha_tensor(value: float) -> TensorData:
-    def make():
-        import torch
-
-        return torch.tensor(value, dtype=torch.float32)
-
-    return ComputedTensor(make, "F32", ())

@@ -195,7 +195,7 @@ class PeftFormat(Format):
             config, [spelled(header, component, path)], roles["down"].shape[0], f"{header.path}: {path}"
         )
         extras = {
-            "alpha": MemoryTensor(_f32(settings["alpha"]), "F32", ()),
+            "alpha": MemoryTensor.f32(settings["alpha"]),
             "rank_scaling": settings["rank_scaling"],
         }
         if "magnitude" in roles:
@@ -311,10 +311,10 @@ def _lycoris_extras(
     where = f"{header.path}: {path}"
     if kind == "hada":
         _, alpha = lycoris_settings(config, names, roles["hada_w1_b"].shape[0], where)
-        return {"alpha": MemoryTensor(_f32(alpha), "F32", ())}
+        return {"alpha": MemoryTensor.f32(alpha)}
     decomposed = roles.get("lokr_w2_b") or roles.get("lokr_w1_b")
     rank, alpha = lycoris_settings(config, names, decomposed.shape[0] if decomposed else None, where)
-    return {"alpha": MemoryTensor(_f32(alpha), "F32", ()), "convention": "peft", "peft_rank": rank}
+    return {"alpha": MemoryTensor.f32(alpha), "convention": "peft", "peft_rank": rank}
 
 
 def spelled(header: Header, component: Component, path: str) -> str:
@@ -355,9 +355,3 @@ def _load_config(path: Path) -> LoraConfigFields | None:
     if not path.is_file():
         return None
     return _config_cached(str(path), path.stat().st_mtime)
-
-
-def _f32(value: float) -> bytes:
-    import struct
-
-    return struct.pack("<f", value)
