@@ -67,6 +67,10 @@ class Encoded:
     documents: dict[str, bytes] = field(default_factory=dict)
 
 
+#: Names a format's sniff samples before reading all of them (`Format.share_of_names`).
+SAMPLE_NAMES = 64
+
+
 class Format:
     """Base class for format plugins. Subclasses set the class attributes and override methods."""
 
@@ -101,22 +105,29 @@ class Format:
         raise NotImplementedError
 
     @staticmethod
-    def none_of_a_sample(header: Header, claims: Callable[[str], object], size: int = 64) -> Evidence | None:
-        """Evidence 0 when none of `size` names spread over the header is `claims`ed (detection sniffs
-        every file with every format: a dialect need not read 5,000 names to see it is absent)."""
-        names = list(header.tensors)
-        if len(names) <= size:
-            return None
-        sample = names[:: len(names) // size]
-        if any(claims(name) for name in sample):
-            return None
-        return Evidence(
-            0.0, against=[f"none of {len(sample)} names sampled across the file, e.g. {sample[0]!r}"]
-        )
+    def share_of_names(header: Header, claims: Callable[[str], object], what: str) -> Evidence:
+        """Evidence scored as the share of tensor names `claims` accepts ("N of M names are <what>").
 
-    def parse(self, header: Header) -> ParsedFile:
-        """Group every tensor of the header into modules, or list it as unsupported."""
-        raise NotImplementedError
+        Detection sniffs every file with every format: when none of 64 names spread over the file is
+        claimed, the score is 0 without reading the rest."""
+        names = list(header.tensors)
+        if not names:
+            return Evidence(0.0, against=["the file has no tensors"])
+        if len(names) > 2 * SAMPLE_NAMES:
+            sample = names[:: len(names) // SAMPLE_NAMES]
+            if not any(claims(name) for name in sample):
+                return Evidence(
+                    0.0, against=[f"none of {len(sample)} names sampled across the file is {what}"]
+                )
+        ours = [name for name in names if claims(name)]
+        evidence = Evidence(len(ours) / len(names))
+        if ours:
+            evidence.reasons.append(f"{len(ours)} of {len(names)} names are {what}")
+        if len(ours) < len(names):
+            mine = set(ours)
+            example = next(name for name in names if name not in mine)
+            evidence.against.append(f"{len(names) - len(ours)} names are not, e.g. {example!r}")
+        return evidence
 
     def describe(self, header: Header) -> dict[str, str]:
         """What the header's metadata says in this format's vocabulary, summarised for people and apps

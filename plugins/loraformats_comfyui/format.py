@@ -57,23 +57,7 @@ class ComfyUIFormat(KohyaFormat):
     base_model_keys: ClassVar[tuple[str, ...]] = ()
 
     def sniff(self, header: Header) -> Evidence:
-        names = list(header.tensors)
-        if not names:
-            return Evidence(0.0, against=["the file has no tensors"])
-        absent = self.none_of_a_sample(header, _split)
-        if absent is not None:
-            return absent
-        ours = [n for n in names if _split(n) is not None]
-        evidence = Evidence(len(ours) / len(names))
-        if ours:
-            evidence.reasons.append(
-                f"{len(ours)} of {len(names)} tensor names are diffusion_model. / text_encoders. + a factor"
-            )
-        if len(ours) < len(names):
-            mine = set(ours)
-            example = next(n for n in names if n not in mine)
-            evidence.against.append(f"{len(names) - len(ours)} names are not, e.g. {example!r}")
-        return evidence
+        return self.share_of_names(header, _split, "diffusion_model. / text_encoders. + a factor")
 
     def describe(self, header: Header) -> dict[str, str]:
         return {}

@@ -49,22 +49,12 @@ class OriginalNamesFormat(Format):
         return next((why for suffix, why in NOT_DELTAS.items() if rest.endswith(suffix)), None)
 
     def sniff(self, header: Header) -> Evidence:
-        names = list(header.tensors)
-        if not names:
-            return Evidence(0.0, against=["the file has no tensors"])
-        absent = self.none_of_a_sample(header, lambda n: self._split(n) or self._not_delta(n))
-        if absent is not None:
-            return absent
-        ours = sum(1 for n in names if self._split(n) or self._not_delta(n))
-        evidence = Evidence(ours / len(names))
-        if ours:
-            shown = f"{self.prefix} + " if self.prefix else ""
-            evidence.reasons.append(
-                f"{ours} of {len(names)} names are {shown}BFL module names + lora_A/lora_B"
-            )
-        if ours < len(names):
-            evidence.against.append(f"{len(names) - ours} names are not")
-        return evidence
+        shown = f"{self.prefix} + " if self.prefix else ""
+        return self.share_of_names(header, self._knows, f"{shown}BFL module names + lora_A/lora_B")
+
+    def _knows(self, tensor: str) -> bool:
+        """A factor of this format, or a part of it that is refused by name (not a delta)."""
+        return self._split(tensor) is not None or self._not_delta(tensor) is not None
 
     def parse(self, header: Header) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}

@@ -31,19 +31,7 @@ class XLabsFormat(Format):
     writable = False
 
     def sniff(self, header: Header) -> Evidence:
-        names = list(header.tensors)
-        if not names:
-            return Evidence(0.0, against=["the file has no tensors"])
-        absent = self.none_of_a_sample(header, KEY.match)
-        if absent is not None:
-            return absent
-        ours = sum(1 for name in names if KEY.match(name))
-        evidence = Evidence(ours / len(names))
-        if ours:
-            evidence.reasons.append(f"{ours} of {len(names)} names are XLabs processor LoRA keys")
-        if ours < len(names):
-            evidence.against.append(f"{len(names) - ours} names are not XLabs processor keys")
-        return evidence
+        return self.share_of_names(header, KEY.match, "XLabs processor LoRA keys")
 
     def parse(self, header: Header) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}
