@@ -62,6 +62,11 @@ FLUX_SINGLE_GROUPS = {
     "attn.to_qkv_mlp_proj": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
     "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),  # XLabs' single-block qkv: linear1's first rows
 }
+#: FLUX.1's (and Chroma's) blocks: diffusers block list -> (BFL block list, names inside a block).
+FLUX_BLOCKS = {
+    "transformer_blocks": ("double_blocks", FLUX_DOUBLE),
+    "single_transformer_blocks": ("single_blocks", FLUX_SINGLE),
+}
 #: XLabs' attention-processor LoRAs (x-flux): the modules it trains, named after its processors.
 XLABS_DOUBLE = {
     "attn.to_qkv": "processor.qkv_lora1",
@@ -204,22 +209,24 @@ def _swap_halves(out_features: int) -> list[list[int]]:
     return [[half, out_features], [0, half]]
 
 
-def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec of a `FluxTransformer2DModel(**config)`: diffusers paths, groups, the BFL naming."""
+def _on_meta(class_name: str, config: Mapping[str, Any]) -> tuple[nn.Module, dict[str, list]]:
+    """A diffusers model built on the meta device, and its Linear/Conv2d table (qk-norm scales and
+    other norms carry no LoRA in these models, so they are left out)."""
+    import diffusers
     import torch
-    from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
-    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}  # qk-norm scales: no LoRA
+        model = getattr(diffusers, class_name)(**config)
+    return model, {path: entry for path, entry in linear_table(model).items() if entry[0] != "norm"}
+
+
+def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec of a `FluxTransformer2DModel(**config)`: diffusers paths, groups, the BFL naming."""
+    model, modules = _on_meta("FluxTransformer2DModel", config)
     groups = _grouped(
         modules, {"transformer_blocks": FLUX_DOUBLE_GROUPS, "single_transformer_blocks": FLUX_SINGLE_GROUPS}
     )
-    blocks = {
-        "transformer_blocks": ("double_blocks", FLUX_DOUBLE),
-        "single_transformer_blocks": ("single_blocks", FLUX_SINGLE),
-    }
-    naming = _naming(modules, groups, FLUX_TOP, blocks)
+    naming = _naming(modules, groups, FLUX_TOP, FLUX_BLOCKS)
     xlabs = _naming(
         modules,
         groups,
@@ -246,12 +253,7 @@ def flux_component(config: Mapping[str, Any]) -> dict[str, Any]:
 def chroma_component(config: Mapping[str, Any]) -> dict[str, Any]:
     """The spec of a `ChromaTransformer2DModel(**config)`: FLUX.1's blocks without their modulation
     layers, plus the distilled guidance approximator; no final adaLN, so no row swap."""
-    import torch
-    from diffusers import ChromaTransformer2DModel
-
-    with torch.device("meta"):
-        model = ChromaTransformer2DModel(**config)
-    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}
+    model, modules = _on_meta("ChromaTransformer2DModel", config)
     groups = _grouped(
         modules, {"transformer_blocks": FLUX_DOUBLE_GROUPS, "single_transformer_blocks": FLUX_SINGLE_GROUPS}
     )
@@ -262,22 +264,13 @@ def chroma_component(config: Mapping[str, Any]) -> dict[str, Any]:
     for i in range(model.config.approximator_layers):
         top[f"{approximator}.layers.{i}.linear_1"] = f"{approximator}.layers.{i}.in_layer"
         top[f"{approximator}.layers.{i}.linear_2"] = f"{approximator}.layers.{i}.out_layer"
-    blocks = {
-        "transformer_blocks": ("double_blocks", FLUX_DOUBLE),
-        "single_transformer_blocks": ("single_blocks", FLUX_SINGLE),
-    }
-    naming = _naming(modules, groups, top, blocks)
+    naming = _naming(modules, groups, top, FLUX_BLOCKS)
     return _denoiser(model, config, modules, groups, "bfl", naming, {})
 
 
 def flux2_component(config: Mapping[str, Any]) -> dict[str, Any]:
     """The spec of a `Flux2Transformer2DModel(**config)`: diffusers paths, groups, the BFL naming."""
-    import torch
-    from diffusers import Flux2Transformer2DModel
-
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(**config)
-    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}
+    model, modules = _on_meta("Flux2Transformer2DModel", config)
     groups = _grouped(modules, {"transformer_blocks": FLUX_DOUBLE_GROUPS})
     blocks = {
         "transformer_blocks": ("double_blocks", FLUX2_DOUBLE),
@@ -292,12 +285,7 @@ def sd3_component(config: Mapping[str, Any]) -> dict[str, Any]:
     """The spec of an `SD3Transformer2DModel(**config)`: diffusers paths, groups, the MMDiT naming.
     The last joint block is context `pre_only`: its context adaLN has two chunks, (shift, scale) in
     the original order like the final layer's."""
-    import torch
-    from diffusers import SD3Transformer2DModel
-
-    with torch.device("meta"):
-        model = SD3Transformer2DModel(**config)
-    modules = {p: e for p, e in linear_table(model).items() if e[0] != "norm"}
+    model, modules = _on_meta("SD3Transformer2DModel", config)
     groups = _grouped(modules, {"transformer_blocks": MMDIT_GROUPS})
     naming = _naming(modules, groups, MMDIT_TOP, {"transformer_blocks": ("joint_blocks", MMDIT_BLOCK)})
     last = f"transformer_blocks.{model.config.num_layers - 1}.norm1_context.linear"
