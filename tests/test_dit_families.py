@@ -54,6 +54,27 @@ def original_checkpoint(family: Family, suffixes: tuple[str, ...] = ("weight", "
     return checkpoint, expected
 
 
+def kohya_header(family: str, naming: str, paths: list[str]) -> bytes:
+    """The header (no data) of a rank-4 Kohya file adapting `paths` of the family's transformer."""
+    import json
+    import struct
+
+    component = registry.families()[family].components["transformer"]
+    doc, offset = {}, 0
+    for path in paths:
+        layer = component.modules[path]
+        stem = "lora_unet_" + component.name_in(path, naming).replace(".", "_")
+        for suffix, shape in (
+            (".lora_down.weight", [4, layer.in_features]),
+            (".lora_up.weight", [layer.out_features, 4]),
+        ):
+            size = shape[0] * shape[1] * 2
+            doc[stem + suffix] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+    raw = json.dumps(doc).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def blocks(component, prefix: str) -> int:
     return len({p.split(".")[1] for p in component.modules if p.startswith(prefix)})
 
@@ -184,38 +205,17 @@ def test_flux2_tables_match_diffusers_single_file_conversion():
 
 
 def test_flux1_and_flux2_are_told_apart_by_shape():
-    import json
-    import struct
-
     import loraformats
-
-    def header(family: str, paths: list[str]) -> bytes:
-        component = registry.families()[family].components["transformer"]
-        doc, offset = {}, 0
-        for path in paths:
-            layer = component.modules[path]
-            stem = "lora_unet_" + component.name_in(path, "bfl").replace(".", "_")
-            for suffix, shape in (
-                (".lora_down.weight", [4, layer.in_features]),
-                (".lora_up.weight", [layer.out_features, 4]),
-            ):
-                size = shape[0] * shape[1] * 2
-                doc[stem + suffix] = {
-                    "dtype": "BF16",
-                    "shape": shape,
-                    "data_offsets": [offset, offset + size],
-                }
-                offset += size
-        raw = json.dumps(doc).encode()
-        return struct.pack("<Q", len(raw)) + raw
 
     qkv = ["transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn.to_out.0"]
     with_modulation = [*qkv, "transformer_blocks.0.norm1.linear"]
-    assert loraformats.detect(header("flux1", with_modulation)).family == "flux1"
-    shared = loraformats.detect(header("flux1", qkv))  # Chroma has these too, with the same shapes
+    assert loraformats.detect(kohya_header("flux1", "bfl", with_modulation)).family == "flux1"
+    shared = loraformats.detect(
+        kohya_header("flux1", "bfl", qkv)
+    )  # Chroma has these too, with the same shapes
     assert shared.family == "ambiguous"
     assert {"flux1", "chroma"} <= {c.name for c in shared.families if c.score == 1.0}
-    second = loraformats.detect(header("flux2", qkv))
+    second = loraformats.detect(kohya_header("flux2", "bfl", qkv))
     assert second.family == "flux2"
     assert any("not flux1" in reason for reason in second.reasons)
 
@@ -238,35 +238,17 @@ def test_chroma_tables_match_diffusers_single_file_conversion():
     assert family.components["text_encoder"].encoder == "t5xxl"
 
 
-def mmdit_header(family: str, paths: list[str]) -> bytes:
-    import json
-    import struct
-
-    component = registry.families()[family].components["transformer"]
-    doc, offset = {}, 0
-    for path in paths:
-        layer = component.modules[path]
-        stem = "lora_unet_" + component.name_in(path, "mmdit").replace(".", "_")
-        for suffix, shape in (
-            (".lora_down.weight", [4, layer.in_features]),
-            (".lora_up.weight", [layer.out_features, 4]),
-        ):
-            size = shape[0] * shape[1] * 2
-            doc[stem + suffix] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-    raw = json.dumps(doc).encode()
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def test_sd3_medium_and_35_large_are_told_apart_and_35_medium_by_its_second_attention():
     import loraformats
 
     blocks0 = ["transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.ff.net.0.proj"]
-    large = loraformats.detect(mmdit_header("sd3.5-large", blocks0))
+    large = loraformats.detect(kohya_header("sd3.5-large", "mmdit", blocks0))
     assert large.family == "sd3.5-large"
     assert any(r.startswith("not sd3:") and "2432" in r for r in large.reasons)
-    medium = loraformats.detect(mmdit_header("sd3", blocks0))  # 3 and 3.5 Medium share these layers
+    medium = loraformats.detect(kohya_header("sd3", "mmdit", blocks0))  # 3 and 3.5 Medium share these layers
     assert medium.family == "ambiguous"
     assert {"sd3", "sd3.5-medium"} == {c.name for c in medium.families if c.score == 1.0}
-    dual = loraformats.detect(mmdit_header("sd3.5-medium", [*blocks0, "transformer_blocks.0.attn2.to_qkv"]))
+    dual = loraformats.detect(
+        kohya_header("sd3.5-medium", "mmdit", [*blocks0, "transformer_blocks.0.attn2.to_qkv"])
+    )
     assert dual.family == "sd3.5-medium"
