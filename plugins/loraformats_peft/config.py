@@ -212,6 +212,27 @@ def number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def scale_patterns(
+    modules: dict[str, tuple[int, float]], aliases: Iterable[str], universe: Iterable[str] = ()
+) -> dict[str, Any]:
+    """`r`, `alpha`, `rank_pattern`, `alpha_pattern` and `target_modules` for modules {path: (rank,
+    alpha)}, as PEFT's LoRA and LyCORIS configs both spell them: the most common rank and alpha as
+    defaults (as PEFT's own tools choose), an exact-name pattern (`exact`) for every other module.
+    `universe`: every module name of the model in the same spelling, to find names that patterns
+    would also match elsewhere."""
+    names = {path: peft_name(path, aliases) for path in modules}
+    hidden = shadowed([*universe, *names.values()])
+    r = Counter(rank for rank, _ in modules.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "alpha": number(alpha),
+        "rank_pattern": {exact(names[p], hidden): rk for p, (rk, _) in modules.items() if rk != r},
+        "alpha_pattern": {exact(names[p], hidden): number(a) for p, (_, a) in modules.items() if a != alpha},
+        "target_modules": sorted(names.values()),
+    }
+
+
 def build_config(
     modules: dict[str, tuple[int, float]],
     aliases: Iterable[str] = (),
@@ -220,22 +241,15 @@ def build_config(
     use_dora: bool = False,
     universe: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """A complete LoraConfig dict for modules {path: (rank, alpha)}: defaults plus patterns for the rest.
-
-    The most common rank and alpha become `r` / `lora_alpha` (as PEFT's own tools choose); every
-    other module gets an exact-name pattern (`exact`). `universe`: every module name of the model
-    in the same spelling, to find names that patterns would also match elsewhere.
-    """
-    names = {path: peft_name(path, aliases) for path in modules}
-    hidden = shadowed([*universe, *names.values()])
-    r = Counter(rank for rank, _ in modules.values()).most_common(1)[0][0]
-    alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
+    """A complete LoraConfig dict for modules {path: (rank, alpha)} (`scale_patterns`, with
+    `alpha` spelled `lora_alpha`)."""
+    patterns = scale_patterns(modules, aliases, universe)
     return {
-        "r": r,
-        "lora_alpha": number(alpha),
-        "rank_pattern": {exact(names[p], hidden): rk for p, (rk, _) in modules.items() if rk != r},
-        "alpha_pattern": {exact(names[p], hidden): number(a) for p, (_, a) in modules.items() if a != alpha},
-        "target_modules": sorted(names.values()),
+        "r": patterns["r"],
+        "lora_alpha": patterns["alpha"],
+        "rank_pattern": patterns["rank_pattern"],
+        "alpha_pattern": patterns["alpha_pattern"],
+        "target_modules": patterns["target_modules"],
         "use_rslora": use_rslora,
         "use_dora": use_dora,
         "lora_bias": False,

@@ -15,7 +15,6 @@ alpha = r for that module (scale 1, exact); one read from PEFT keeps its own r a
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any
 
 from loraformats.adapters import Adapter, LoHa, LoKr
@@ -24,7 +23,7 @@ from loraformats.errors import UnsupportedError
 from loraformats.families import CANONICAL, Component, Layer
 from loraformats.tensors import TensorData
 
-from .config import exact, number, peft_name, shadowed
+from .config import peft_name, scale_patterns
 
 #: LycorisConfig fields written besides the maths, with PEFT's defaults, so the config is complete.
 DEFAULTS: dict[str, Any] = {
@@ -208,15 +207,5 @@ def _note(module: Adapter) -> dict:
 
 
 def _patterns(settings: dict[str, tuple[int, float]], component: Component) -> dict[str, Any]:
-
-    names = {path: peft_name(path, component.path_aliases) for path in settings}
-    hidden = shadowed(peft_name(path, component.path_aliases) for path in component.named_paths(CANONICAL))
-    r = Counter(rank for rank, _ in settings.values()).most_common(1)[0][0]
-    alpha = Counter(a for _, a in settings.values()).most_common(1)[0][0]
-    return {
-        "r": r,
-        "alpha": number(alpha),
-        "rank_pattern": {exact(names[p], hidden): rk for p, (rk, _) in settings.items() if rk != r},
-        "alpha_pattern": {exact(names[p], hidden): number(a) for p, (_, a) in settings.items() if a != alpha},
-        "target_modules": sorted(names.values()),
-    }
+    universe = (peft_name(path, component.path_aliases) for path in component.named_paths(CANONICAL))
+    return scale_patterns(settings, component.path_aliases, universe)
