@@ -331,7 +331,7 @@ def assemble_parts(
                     namings[kind][component] = naming
     adapters = AdapterSet(
         family=resolution.family,
-        modules=dict(sorted(modules.items(), key=_model_order(resolution.family))),
+        modules=resolution.family.in_model_order(modules),
         metadata=metadata,
         provenance=Provenance(fmt.name, str(where), namings["flat"], namings["dotted"]),
         sources=list(sources.values()),
@@ -349,12 +349,6 @@ def assemble_parts(
     for header, _ in parts:
         fmt.finish_read(adapters, header, context)
     return adapters
-
-
-def _model_order(family: Family):
-    """Sort key putting modules in model order (component order, then module table order)."""
-    rank = {(c, p): i for i, (c, p) in enumerate((c.name, p) for c, p, _ in family.iter_modules())}
-    return lambda item: rank[item[0]]
 
 
 def _notes(header: Header, key: str) -> dict:

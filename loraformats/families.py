@@ -279,6 +279,16 @@ class Family:
             (c for c in self.components.values() if c.role == "text_encoder"), key=lambda c: c.slot or 0
         )
 
+    @cached_property
+    def _positions(self) -> dict[tuple[str, str], int]:
+        return {(c.name, path): i for i, (c, path, _) in enumerate(self.iter_modules())}
+
+    def in_model_order(self, modules: Mapping[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
+        """`modules` keyed by (component, path), sorted as the model lists them (component order,
+        then module table order; a fused group just before its first member)."""
+        positions = self._positions
+        return dict(sorted(modules.items(), key=lambda item: positions[item[0]]))
+
     def iter_modules(self) -> Iterator[tuple[Component, str, Layer]]:
         for component in self.components.values():
             for path, layer in component.modules.items():

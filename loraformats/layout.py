@@ -125,12 +125,7 @@ def lay_out(
             reorder = lambda a, o=order, lay=layer: reorder_rows(a, o, lay)  # noqa: E731
             result[key] = cut(adapter, layer, reorder, f"{key[0]}:{key[1]}")
             counts["reorder rows"] += 1
-    return _in_model_order(adapters, result), _steps(counts, worst, reexpressed, namings)
-
-
-def _in_model_order(adapters: AdapterSet, modules: dict[ModuleKey, Adapter]) -> dict[ModuleKey, Adapter]:
-    rank = {(c.name, p): i for i, (c, p, _) in enumerate(adapters.family.iter_modules())}
-    return dict(sorted(modules.items(), key=lambda item: rank[item[0]]))
+    return adapters.family.in_model_order(result), _steps(counts, worst, reexpressed, namings)
 
 
 def _steps(
