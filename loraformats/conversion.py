@@ -159,7 +159,7 @@ def convert(
         steps = [read, *adapters.provenance.steps]
         dropped = _drop_components(adapters, target, drop)
         if dropped:
-            steps.append(dropped)
+            steps.append(_drop_step(dropped))
         # The NaN/Inf scan reads every tensor; it runs beside planning and writing (pread and numpy
         # release the GIL) and settles before the output is committed.
         scan = _start_value_scan(adapters) if check_values else None
@@ -202,8 +202,8 @@ def convert(
             exactness=exactness,
             steps=steps,
             warnings=warnings,
-            # dropped by pydantic until ConversionReport has the field (it is the lead's module)
-            **({"approximation": planned.approximation} if planned.approximation else {}),
+            approximation=planned.approximation,
+            dropped=dropped,
         )
         if dry_run:
             settle()
@@ -225,8 +225,9 @@ def convert(
         adapters.close()
 
 
-def _drop_components(adapters: AdapterSet, target: Format, drop: list[str] | tuple[str, ...]) -> Step | None:
-    """Remove the modules of components the user drops; refuse components the target cannot hold."""
+def _drop_components(adapters: AdapterSet, target: Format, drop: list[str] | tuple[str, ...]) -> list[str]:
+    """Remove the modules of components the user drops, returning every tensor left out
+    ("component:path role"); refuse components the target cannot hold."""
     unknown = [name for name in drop if name not in adapters.family.components]
     if unknown:
         known = ", ".join(adapters.family.components)
@@ -241,17 +242,21 @@ def _drop_components(adapters: AdapterSet, target: Format, drop: list[str] | tup
                 path=adapters.provenance.path,
             )
     gone = [key for key in adapters.modules if key[0] in drop]
-    if not gone:
-        return None
-    tensors = sum(len(adapters.modules[key].tensors()) for key in gone)
+    named = [f"{c}:{p} {role}" for c, p in gone for role in adapters.modules[(c, p)].tensors()]
     for key in gone:
         del adapters.modules[key]
+    return named
+
+
+def _drop_step(dropped: list[str]) -> Step:
+    modules = {entry.rpartition(" ")[0] for entry in dropped}
+    components = ", ".join(sorted({module.partition(":")[0] for module in modules}))
     return Step(
         stage="drop",
         name="components left out",
         exactness=Exactness.APPROXIMATE,
-        modules=len(gone),
-        detail=f"on request: every module of {', '.join(sorted({k[0] for k in gone}))} ({tensors} tensors)",
+        modules=len(modules),
+        detail=f"on request: every module of {components} ({len(dropped)} tensors, listed in `dropped`)",
     )
 
 

@@ -54,3 +54,7 @@ class ConversionReport(BaseModel):
     steps: list[Step] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     approximation: Approximation | None = Field(None, description="what --rank / --max-error compressed")
+    dropped: list[str] = Field(
+        default_factory=list,
+        description='every tensor left out on request (--drop-component), as "component:path role"',
+    )

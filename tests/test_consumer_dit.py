@@ -717,6 +717,11 @@ def test_t5_modules_need_drop_component_for_diffusers(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     drops = [step for step in report["steps"] if step["stage"] == "drop"]
     assert len(drops) == 1 and drops[0]["modules"] == len(t5)
+    t5_tensors = [name for name in load_file(str(source)) if name.startswith("lora_te3_")]
+    assert len(report["dropped"]) == len(t5_tensors)  # every tensor left out is named
+    assert {entry.rpartition(" ")[0] for entry in report["dropped"]} == {
+        f"text_encoder_2:{stems[stem][1]}" for stem in t5
+    }
     assert not any(name.startswith("text_encoder_2.") for name in load_file(str(output)))
     expected = {k: v for k, v in reference_deltas(source, "tiny-flux").items() if k[0] != "text_encoder_2"}
     changes, counts = apply_in_diffusers("tiny-flux", output, FLUX_COMPONENTS)
