@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from enum import Enum
+from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import InvalidFileError, UnsupportedError
@@ -91,10 +92,26 @@ class Adapter(ABC):
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
         """Why these tensors cannot form this adapter on any layer (inconsistent, missing). Header-only."""
 
+    #: The layer kinds this adapter can change, and what is said of another kind ({kind}, {algorithm}).
+    targets: ClassVar[tuple[str, ...]] = ("linear", "conv2d")
+    wrong_target: ClassVar[str] = "{algorithm} on a {kind} layer is not a valid target"
+
+    @classmethod
+    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
+        """Why tensors of these shapes cannot adapt `layer`, or None. Works on the header alone:
+        the factors must fit each other (`factor_problem`), the layer's kind (`targets`) and its
+        geometry (`layer_problem`)."""
+        problem = cls.factor_problem(shapes)
+        if problem:
+            return problem
+        if layer.kind not in cls.targets:
+            return cls.wrong_target.format(kind=layer.kind, algorithm=cls.algorithm)
+        return cls.layer_problem(shapes, layer)
+
     @classmethod
     @abstractmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        """Why tensors of these shapes cannot adapt `layer`, or None. Works on the header alone."""
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
+        """Why factors that fit each other and the layer's kind do not fit its geometry, or None."""
 
     def check(self, layer: Layer, where: str) -> None:
         """Raise `InvalidFileError` unless the tensors fit each other and the base layer."""
@@ -106,3 +123,11 @@ class Adapter(ABC):
     def dtype(self) -> str:
         """The storage dtype that sets how closely a re-rounded copy can match."""
         return next(iter(self.tensors().values())).dtype
+
+
+def scalar_alpha_problem(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why an `alpha` tensor is not a scalar, or None (also when there is none)."""
+    alpha = shapes.get("alpha")
+    if alpha is not None and prod(alpha) != 1:
+        return f"alpha must be a scalar, got shape {list(alpha)}"
+    return None

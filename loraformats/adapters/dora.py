@@ -73,10 +73,12 @@ class DoRA(Adapter):
         inner = {role: s for role, s in shapes.items() if role != "magnitude"}
         return inner_class(inner).factor_problem(inner)
 
+    targets: ClassVar[tuple[str, ...]] = ("linear", "conv2d", "norm")  # the inner adapter decides
+
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         inner = {role: s for role, s in shapes.items() if role != "magnitude"}
-        problem = cls.factor_problem(shapes) or inner_class(inner).shape_problem(inner, layer)
+        problem = inner_class(inner).shape_problem(inner, layer)
         if problem:
             return problem
         count = prod(shapes["magnitude"])

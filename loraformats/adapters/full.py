@@ -63,13 +63,12 @@ class Full(Adapter):
             return f"diff_b must be 1-D, got {list(bias)}"
         return None
 
+    wrong_target: ClassVar[str] = (
+        "a weight diff on a {kind} layer is not a valid target (norm layers use w_norm)"
+    )
+
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
-        if layer.kind not in ("linear", "conv2d"):
-            return f"a weight diff on a {layer.kind} layer is not a valid target (norm layers use w_norm)"
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         if tuple(shapes["diff"]) != layer.weight_shape:
             return f"diff {list(shapes['diff'])} is not the weight's shape {list(layer.weight_shape)}"
         bias = shapes.get("diff_b")

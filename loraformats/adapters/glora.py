@@ -22,7 +22,7 @@ from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
-from .base import Adapter
+from .base import Adapter, scalar_alpha_problem
 
 if TYPE_CHECKING:
     import torch
@@ -103,18 +103,12 @@ class GLoRA(Adapter):
             return f"a GLoRA module needs {', '.join(r + '.weight' for r in missing)}"
         if any(len(shapes[role]) not in (2, 4) for role in ROLES):
             return "GLoRA factors must be 2-D or 4-D"
-        alpha = shapes.get("alpha")
-        if alpha is not None and prod(alpha) != 1:
-            return f"alpha must be a scalar, got shape {list(alpha)}"
-        return None
+        return scalar_alpha_problem(shapes)
+
+    wrong_target: ClassVar[str] = "GLoRA on a {kind} layer is not a valid target"
 
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
-        if layer.kind not in ("linear", "conv2d"):
-            return f"GLoRA on a {layer.kind} layer is not a valid target"
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         if cls.layout_for(shapes, layer) is None:
             return _layout_problem(shapes, layer, "lycoris")
         return None

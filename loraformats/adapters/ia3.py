@@ -62,13 +62,10 @@ class IA3(Adapter):
             return f"(IA)3 weight must be (C,) or (1, C, 1, 1), got {list(weight)}"
         return None
 
+    wrong_target: ClassVar[str] = "(IA)3 on a {kind} layer is not a valid target"
+
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
-        if layer.kind not in ("linear", "conv2d"):
-            return f"(IA)3 on a {layer.kind} layer is not a valid target"
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         if prod(shapes["weight"]) not in (layer.out_features, layer.in_features):
             return f"(IA)3 weight {list(shapes['weight'])} fits neither the outputs nor the inputs"
         return None

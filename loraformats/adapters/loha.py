@@ -23,7 +23,7 @@ from ..errors import UnsupportedError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
-from .base import Adapter
+from .base import Adapter, scalar_alpha_problem
 
 if TYPE_CHECKING:
     import torch
@@ -130,9 +130,8 @@ class LoHa(Adapter):
             return f"a LoHa module needs {', '.join(missing)}"
         if ("hada_t1" in shapes) != ("hada_t2" in shapes):
             return "a Tucker LoHa needs both hada_t1 and hada_t2"
-        alpha = shapes.get("alpha")
-        if alpha is not None and prod(alpha) != 1:
-            return f"alpha must be a scalar, got shape {list(alpha)}"
+        if problem := scalar_alpha_problem(shapes):
+            return problem
         for n in (1, 2):
             a, b = shapes[f"hada_w{n}_a"], shapes[f"hada_w{n}_b"]
             if len(a) not in (2, 4) or len(b) not in (2, 4):
@@ -145,13 +144,10 @@ class LoHa(Adapter):
                 return f"ranks disagree: hada_w{n}_a {list(a)}, hada_w{n}_b {list(b)}"
         return None
 
+    wrong_target: ClassVar[str] = "LoHa on a {kind} layer is not a valid target"
+
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
-        if layer.kind not in ("linear", "conv2d"):
-            return f"LoHa on a {layer.kind} layer is not a valid target"
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         k = maths.kernel(layer)
         out, inp = layer.out_features, layer.in_features
         for n in (1, 2):

@@ -22,7 +22,7 @@ from ..errors import InvalidFileError, UnsupportedError
 from ..families import Layer
 from ..tensors import TensorData
 from . import maths
-from .base import Adapter
+from .base import Adapter, scalar_alpha_problem
 
 if TYPE_CHECKING:
     import torch
@@ -176,9 +176,8 @@ class LoKr(Adapter):
             return "a LoKr module needs lokr_w2, or lokr_w2_a and lokr_w2_b (not both)"
         if t2 is not None and w2 is not None:
             return "lokr_t2 without lokr_w2_a / lokr_w2_b"
-        alpha = shapes.get("alpha")
-        if alpha is not None and prod(alpha) != 1:
-            return f"alpha must be a scalar, got shape {list(alpha)}"
+        if problem := scalar_alpha_problem(shapes):
+            return problem
         if w1 is not None and len(w1) != 2:
             return f"lokr_w1 must be 2-D, got {list(w1)}"
         if w1 is None and (len(w1a) != 2 or len(w1b) != 2 or w1a[1] != w1b[0]):
@@ -192,13 +191,10 @@ class LoKr(Adapter):
             return f"ranks disagree: lokr_w2_a {list(w2a)}, lokr_w2_b {list(w2b)}"
         return None
 
+    wrong_target: ClassVar[str] = "LoKr on a {kind} layer is not a valid target"
+
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
-        if layer.kind not in ("linear", "conv2d"):
-            return f"LoKr on a {layer.kind} layer is not a valid target"
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         k = maths.kernel(layer)
         w1, w1a, w1b = (shapes.get(f"lokr_w1{s}") for s in ("", "_a", "_b"))
         w2, w2a, w2b, t2 = (shapes.get(f"lokr_{s}") for s in ("w2", "w2_a", "w2_b", "t2"))

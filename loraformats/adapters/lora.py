@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from math import prod
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import InvalidFileError
 from ..families import Layer
 from ..tensors import TensorData
-from .base import Adapter
+from .base import Adapter, scalar_alpha_problem
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +87,7 @@ class LoRA(Adapter):
     @classmethod
     def factor_problem(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
         """Why these factors cannot form a LoRA whatever the layer (missing, ranks disagree). Header-only."""
-        down, up, mid, alpha = (shapes.get(role) for role in ("down", "up", "mid", "alpha"))
+        down, up, mid = (shapes.get(role) for role in ("down", "up", "mid"))
         if down is None or up is None:
             return f"needs both down and up factors, has only {', '.join(sorted(shapes))}"
         if len(down) not in (2, 4) or len(up) not in (2, 4) or (mid is not None and len(mid) != 4):
@@ -99,19 +98,14 @@ class LoRA(Adapter):
         if up[1] != inner[0] or down[0] != inner[1]:
             middle = f", mid {list(mid)}" if mid is not None else ""
             return f"ranks disagree: down {list(down)}, up {list(up)}{middle}"
-        if alpha is not None and prod(alpha) != 1:
-            return f"alpha must be a scalar, got shape {list(alpha)}"
-        return None
+        return scalar_alpha_problem(shapes)
+
+    wrong_target: ClassVar[str] = "LoRA on a {kind} layer is not a valid target"
 
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         """Why factors of these shapes cannot belong to `layer` (None if they fit). Header-only."""
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
         down, up, mid = shapes["down"], shapes["up"], shapes.get("mid")
-        if layer.kind not in ("linear", "conv2d"):
-            return f"LoRA on a {layer.kind} layer is not a valid target"
         kernel = tuple(layer.kernel) if layer.kind == "conv2d" else (1, 1)
         r = down[0]
         inner = mid[0] if mid is not None else r

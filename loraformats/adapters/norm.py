@@ -57,13 +57,11 @@ class Norm(Adapter):
                 return f"{role} must be 1-D, got {list(shapes[role])}"
         return None
 
+    targets: ClassVar[tuple[str, ...]] = ("norm",)
+    wrong_target: ClassVar[str] = "w_norm / b_norm adapt norm layers, not a {kind} layer"
+
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
-        if layer.kind != "norm":
-            return f"w_norm / b_norm adapt norm layers, not a {layer.kind} layer"
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         for role in ("w_norm", "b_norm"):
             if role in shapes and prod(shapes[role]) != layer.out_features:
                 return f"{role} {list(shapes[role])} does not fit {layer.out_features} channels"

@@ -98,12 +98,7 @@ class _Orthogonal(Adapter):
         return None
 
     @classmethod
-    def shape_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
-        problem = cls.factor_problem(shapes)
-        if problem:
-            return problem
-        if layer.kind not in ("linear", "conv2d"):
-            return f"{cls.algorithm} on a {layer.kind} layer is not a valid target"
+    def layer_problem(cls, shapes: dict[str, tuple[int, ...]], layer: Layer) -> str | None:
         blocks = shapes["oft_blocks"]
         if blocks[-3] * blocks[-1] != layer.out_features:
             return f"oft_blocks {list(blocks)} do not partition {layer.out_features} outputs"
