@@ -49,15 +49,21 @@ class Resolution:
     misfit: list[str] = field(default_factory=list)
     #: module key -> the layer its name resolved to but its shapes did not fit (says which shapes decided).
     misfit_layers: dict[str, Layer] = field(default_factory=dict)
+    #: Whether only a sample spread over the file was resolved: enough to rule the family out, so the
+    #: counts are the sample's.
+    sampled: bool = False
 
     @property
     def fits(self) -> bool:
-        return bool(self.matches) and not self.unknown and not self.misfit
+        return bool(self.matches) and not self.unknown and not self.misfit and not self.sampled
+
+    @property
+    def modules(self) -> int:
+        """How many modules were resolved (the sample's size when `sampled`)."""
+        return len(self.matches) + len(self.unknown) + len(self.misfit)
 
     def summary(self) -> str:
-        parts = [
-            f"{len(self.matches)} of {len(self.matches) + len(self.unknown) + len(self.misfit)} modules fit"
-        ]
+        parts = [f"{len(self.matches)} of {self.modules} {'sampled ' if self.sampled else ''}modules fit"]
         if self.unknown:
             parts.append(f"unknown: {_examples(self.unknown)}")
         if self.misfit:
@@ -77,16 +83,20 @@ SAMPLE = 32
 
 def resolve(parsed: ParsedFile, header: Header, family: Family) -> Resolution:
     """Find each parsed module in `family` (by name, then by shape). Reads only the header."""
-    return resolve_all(parsed, header, [family])[0]
+    return resolve_all(parsed, header, [family], exhaustive=True)[0]
 
 
-def resolve_all(parsed: ParsedFile, header: Header, families: Iterable[Family]) -> list[Resolution]:
+def resolve_all(
+    parsed: ParsedFile, header: Header, families: Iterable[Family], *, exhaustive: bool = False
+) -> list[Resolution]:
     """`resolve` against several families at once, as detection and `choose_family` need.
 
-    Kept lean because it runs for every family over every module: each module's shapes are read
-    once, components are looked up once per hint, and a shape verdict is computed once per
-    (algorithm, layer, shapes) -- files repeat a few geometries hundreds of times, and equal
-    layers are one object (`Layer.from_spec`), shared across families.
+    A family fits only if every module does, so each family first resolves a sample spread over the
+    file; one the sample rules out keeps the sample's resolution (`sampled`) unless `exhaustive`.
+    Kept lean because it runs for every family: each module's shapes are read once, components are
+    looked up once per hint, and a shape verdict is computed once per (algorithm, layer, shapes) --
+    files repeat a few geometries hundreds of times, and equal layers are one object
+    (`Layer.from_spec`), shared across families.
     """
     tensors = header.tensors
     kinds: dict[tuple, int] = {}  # signature -> small id, so verdict keys hash cheaply
@@ -102,10 +112,11 @@ def resolve_all(parsed: ParsedFile, header: Header, families: Iterable[Family]) 
     step = len(modules) // SAMPLE if len(modules) > 2 * SAMPLE else 0
     results = []
     for family in families:
-        if step:  # a family that knows none of a sample's names cannot fit: skip the full pass
+        if step:  # a family that misplaces any of a sample's modules cannot fit: skip the full pass
             probe = _resolve(modules[::step], signatures[::step], shapes, family, verdicts)
-            if not probe.matches and not probe.misfit:
-                results.append(Resolution(family, unknown=[module.key for module in modules]))
+            if probe.unknown or probe.misfit:
+                probe.sampled = not exhaustive
+                results.append(probe if probe.sampled else _resolve(modules, signatures, shapes, family, verdicts))
                 continue
         results.append(_resolve(modules, signatures, shapes, family, verdicts))
     return results
@@ -159,19 +170,23 @@ Part = tuple[Header, ParsedFile]
 
 def resolve_parts(parts: list[Part], family: Family) -> Resolution:
     """`resolve` over several files read together (e.g. one PEFT directory per component)."""
-    return resolve_parts_all(parts, [family])[0]
+    return resolve_parts_all(parts, [family], exhaustive=True)[0]
 
 
-def resolve_parts_all(parts: list[Part], families: Iterable[Family]) -> list[Resolution]:
+def resolve_parts_all(
+    parts: list[Part], families: Iterable[Family], *, exhaustive: bool = False
+) -> list[Resolution]:
     """`resolve_parts` for several families, each part's shapes read once (`resolve_all`)."""
     families = list(families)
     combined = [Resolution(family) for family in families]
     for header, parsed in parts:
-        for total, single in zip(combined, resolve_all(parsed, header, families), strict=True):
+        resolved = resolve_all(parsed, header, families, exhaustive=exhaustive)
+        for total, single in zip(combined, resolved, strict=True):
             total.matches += single.matches
             total.unknown += single.unknown
             total.misfit += single.misfit
             total.misfit_layers.update(single.misfit_layers)
+            total.sampled |= single.sampled
     return combined
 
 
@@ -209,7 +224,8 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
         )
     if not resolutions:
         raise UnsupportedError("no model families are installed", path=where)
-    closest = max(resolutions, key=lambda r: len(r.matches))
+    closest = max(resolutions, key=lambda r: len(r.matches) / (r.modules or 1))
+    closest = resolve_parts(parts, closest.family)  # exact counts for the message
     raise UnsupportedError(
         f"no installed family knows every module; closest is {closest.family.name}: {closest.summary()}",
         path=where,
@@ -218,12 +234,7 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
 
 def spelled_alike(match: Match) -> bool:
     """Whether another naming spells this module the same way (SD3's `context_embedder`)."""
-    component, path = match.component, match.path
-    name = component.name_in(path, match.naming)
-    return any(
-        other != match.naming and component.nameable(path, other) and component.name_in(path, other) == name
-        for other in component.naming_names()
-    )
+    return (match.path, match.naming) in match.component.spelled_alike
 
 
 def _claimed(family: Family, parts: list[Part]) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from . import format_choice
 from .adapters import Exactness
 from .assemble import NAMINGS_KEY, SPELLINGS_KEY, stash_foreign
 from .canonical import AdapterSet
@@ -38,9 +39,11 @@ def sniff_format(header: Header) -> Format:
     if complete:
         names = ", ".join(f.name for f in complete)
         raise UsageError(f"format is ambiguous ({names}); pass --from", path=header.path)
-    scored = sorted(((f.sniff(header).score, f.name) for f in registry.formats().values()), reverse=True)
-    if scored and scored[0][0] >= 0.5 and (len(scored) == 1 or scored[1][0] < scored[0][0]):
-        return registry.formats()[scored[0][1]]  # mostly this format: its reader names what it cannot place
+    evidence = format_choice.sniff_all(header, exhaustive=True)
+    mostly = format_choice.mostly(evidence)
+    if mostly is not None:
+        return mostly  # its reader names what it cannot place
+    scored = sorted(((said.score, name) for name, said in evidence.items()), reverse=True)
     best = ", ".join(f"{name} {score:.1%}" for score, name in scored[:3] if score > 0) or "no format matched"
     raise UnsupportedError(f"not a LoRA file in any installed format (best: {best})", path=header.path)
 

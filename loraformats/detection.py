@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import format_choice
-from .assemble import Part, Resolution, resolve_all, resolve_parts
+from .assemble import Part, Resolution, resolve_parts, resolve_parts_all
 from .detection_result import SCHEMA_VERSION, Candidate, ComponentSummary, Detection, ModuleGroup
 from .evidence import ambiguity, claimed_families, describe, report_claims, score_families
 from .families import Family
@@ -117,6 +117,10 @@ def _detect(choice: FormatChoice, where: str, read_alphas: bool) -> Detection:
         {m.algorithm for _, parsed in choice.parts for m in parsed.modules if set(m.tensors) - {"alpha"}}
     )
     resolutions = choice.resolutions or _resolve(choice.parts, families)
+    for claim in claims:  # a family the metadata names deserves exact evidence, if it is ruled out
+        for name in claim.families:
+            if resolutions[name].sampled:
+                resolutions[name] = resolve_parts(choice.parts, families[name])
     fitting = [r for r in resolutions.values() if r.fits]
     ruled_out = score_families(result, resolutions, fitting)
     winner = fitting[0] if fitting else None
@@ -155,7 +159,4 @@ def _releases(result: Detection, winner: Resolution) -> None:
 
 
 def _resolve(parts: list[Part], families: dict[str, Family]) -> dict[str, Resolution]:
-    if len(parts) == 1:
-        header, parsed = parts[0]
-        return dict(zip(families, resolve_all(parsed, header, families.values()), strict=True))
-    return {name: resolve_parts(parts, family) for name, family in families.items()}
+    return dict(zip(families, resolve_parts_all(parts, families.values()), strict=True))

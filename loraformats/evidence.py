@@ -148,13 +148,16 @@ def score_families(
     candidates: dict[str, Candidate] = {}
     ruled_out: list[str] = []
     for name, resolution in resolutions.items():
-        total = len(resolution.matches) + len(resolution.unknown) + len(resolution.misfit) or 1
+        total = resolution.modules or 1
+        modules = "sampled modules" if resolution.sampled else "modules"
         candidate = candidates[name] = Candidate(name=name, score=round(len(resolution.matches) / total, 4))
         if resolution.matches:
-            candidate.reasons.append(f"{len(resolution.matches)} of {total} modules fit by name and shape")
+            candidate.reasons.append(f"{len(resolution.matches)} of {total} {modules} fit by name and shape")
+        if resolution.sampled:
+            candidate.against.append(f"ruled out by {total} modules sampled across the file")
         if resolution.unknown:
             candidate.against.append(
-                f"{len(resolution.unknown)} module names unknown, e.g. {resolution.unknown[0]}"
+                f"{len(resolution.unknown)} {modules[:-1]} names unknown, e.g. {resolution.unknown[0]}"
             )
         if winner is None or resolution is winner:
             if resolution.misfit:
@@ -169,7 +172,7 @@ def score_families(
         if shown:
             ruled_out.append(f"not {name}: {shown}")
         elif resolution.unknown:
-            ruled_out.append(f"not {name}: {len(resolution.unknown)} module names it does not have")
+            ruled_out.append(f"not {name}: {len(resolution.unknown)} {modules[:-1]} names it does not have")
     if winner is not None:
         candidates[winner.family.name].reasons += ruled_out
     result.families = sorted(candidates.values(), key=lambda c: -c.score)

@@ -136,6 +136,18 @@ class Component:
             and not any(path in self.groups for path in table)
         )
 
+    @cached_property
+    def spelled_alike(self) -> frozenset[tuple[str, str]]:
+        """(path, naming) pairs whose name another naming spells the same way (SD3's
+        `context_embedder`): such a name says nothing about which naming a file uses."""
+        spellings: dict[tuple[str, str], list[str]] = {}
+        for naming in self.naming_names():
+            for path in self.named_paths(naming):
+                spellings.setdefault((path, self.name_in(path, naming)), []).append(naming)
+        return frozenset(
+            (path, naming) for (path, _), namings in spellings.items() if len(namings) > 1 for naming in namings
+        )
+
     def row_order(self, path: str, naming: str) -> tuple[tuple[int, int], ...] | None:
         return self.row_orders.get(naming, {}).get(path)
 

@@ -4,12 +4,12 @@ that explains every name parses the file. Header only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .assemble import Part, Resolution, resolve_all
 from .errors import LoraFormatsError
-from .formats import Evidence, Format, ParsedFile, ReadContext
+from .formats import SAMPLE_NAMES, Evidence, Format, ParsedFile, ReadContext
 from .header import Header
 from .plugins import registry
 
@@ -32,8 +32,27 @@ class FormatChoice:
         self.chosen, self.status, self.share, self.parts = fmt, fmt.name, share, parts
 
 
-def sniff_all(header: Header) -> dict[str, Evidence]:
-    return {name: fmt.sniff(header) for name, fmt in registry.formats().items()}
+def sniff_all(header: Header, *, exhaustive: bool = False) -> dict[str, Evidence]:
+    """Every installed format's evidence about the header's names.
+
+    A format explains every name of a file only if it explains every name of a sample of it (the
+    contract of `Format.sniff`), so every format first sniffs names spread across the file, and only
+    those that explain all of them read every name. When none of those explains the whole file,
+    every format reads every name (`mostly` ranks partial shares), as with `exhaustive`.
+    """
+    formats = registry.formats()
+    names = list(header.tensors)
+    if exhaustive or len(names) <= 2 * SAMPLE_NAMES:
+        return {name: fmt.sniff(header) for name, fmt in formats.items()}
+    sample = replace(header, tensors={n: header.tensors[n] for n in names[:: len(names) // SAMPLE_NAMES]})
+    evidence = {name: fmt.sniff(sample) for name, fmt in formats.items()}
+    for said in evidence.values():
+        said.against.append(f"judged on {len(sample.tensors)} of {len(names)} names, sampled across the file")
+    candidates = [name for name, said in evidence.items() if said.score >= 1.0]
+    evidence.update({name: formats[name].sniff(header) for name in candidates})
+    if not any(evidence[name].score >= 1.0 for name in candidates):
+        return {name: fmt.sniff(header) for name, fmt in formats.items()}
+    return evidence
 
 
 def complete(

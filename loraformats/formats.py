@@ -101,7 +101,11 @@ class Format:
     plugin: str = ""
 
     def sniff(self, header: Header) -> Evidence:
-        """How much the header's names look like this format. Must not read tensor data."""
+        """How much the header's names look like this format. Must not read tensor data.
+
+        Detection sniffs a sample of a large file's names first and reads every name only for the
+        formats that explain the whole sample, so a score of 1.0 for a file must also be 1.0 for any
+        sample of it: lower the score for names seen, not for names missing."""
         raise NotImplementedError
 
     @staticmethod

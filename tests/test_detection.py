@@ -29,7 +29,11 @@ from headers.corpus import (
     write,
     write_files,
 )
+from loraformats import format_choice
+from loraformats.assemble import resolve_all
 from loraformats.cli import main
+from loraformats.detection import header_from_bytes
+from loraformats.formats import SAMPLE_NAMES
 from loraformats.errors import UsageError
 from loraformats.plugins import registry
 
@@ -200,6 +204,55 @@ def test_corpus_layout_is_identified_from_its_header(layout):
     assert bool(result.contradictions) == (claimed not in (tie or {layout.family}))  # a tie may agree
     certainty = 1 / len(tie) if tie else 1.0
     assert result.confidence == pytest.approx(certainty * (0.9 if result.contradictions else 1.0), abs=1e-4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[::3], ids=[layout.id for layout in LAYOUTS[::3]])
+def test_sampling_a_large_header_never_changes_the_verdict(layout):
+    """Formats and families are first judged on a sample of a large file; the complete formats and
+    the fitting families must be exactly those a reading of every name finds."""
+    header = header_from_bytes(header_bytes(build(layout)))
+    sampled = format_choice.sniff_all(header)
+    every = format_choice.sniff_all(header, exhaustive=True)
+    complete = [f.name for f in format_choice.complete(header, sampled)[0]]
+    assert complete == [f.name for f in format_choice.complete(header, every)[0]]
+    assert {n for n, e in sampled.items() if e.score >= 1} == {n for n, e in every.items() if e.score >= 1}
+    parsed = registry.formats()[layout.format].parse(header)
+    families = list(registry.families().values())
+    quick = resolve_all(parsed, header, families)
+    full = resolve_all(parsed, header, families, exhaustive=True)
+    assert [r.fits for r in quick] == [r.fits for r in full]
+    assert all(q.matches == f.matches for q, f in zip(quick, full, strict=True) if f.fits)
+
+
+def test_a_rare_name_a_sample_misses_still_decides_the_format():
+    """One LoHa module among a thousand LoRA modules, away from the sampled names, makes the file
+    LyCORIS's, not Kohya's."""
+    fixture = build(Layout("sdxl", "kohya"))
+    names = list(fixture["tensors"])
+    step = len(names) // SAMPLE_NAMES
+    at = next(  # a linear module whose down, up and alpha all sit between two sampled names
+        i
+        for i, name in enumerate(names)
+        if name.endswith(".lora_down.weight")
+        and len(fixture["tensors"][name][1]) == 2
+        and i % step > 0
+        and i % step + 3 < step
+    )
+    stem = names[at].removesuffix(".lora_down.weight")
+    dtype, (rank, fan_in) = fixture["tensors"][names[at]]
+    fan_out = fixture["tensors"][f"{stem}.lora_up.weight"][1][0]
+    loha = {"w1_a": [fan_out, rank], "w1_b": [rank, fan_in], "w2_a": [fan_out, rank], "w2_b": [rank, fan_in]}
+    tensors = {}
+    for name, entry in fixture["tensors"].items():
+        if name == names[at]:
+            tensors.update({f"{stem}.hada_{factor}": [dtype, shape] for factor, shape in loha.items()})
+        elif name != f"{stem}.lora_up.weight":
+            tensors[name] = entry
+    fixture["tensors"] = tensors
+    assert not any(".hada_" in name for name in list(tensors)[:: len(tensors) // SAMPLE_NAMES])
+    result = loraformats.detect(header_bytes(fixture))
+    assert result.format == "lycoris", result.reasons
+    assert result.algorithms == ["loha", "lora"]
 
 
 # ------------------------------------------------------------------------------------------ real tools
