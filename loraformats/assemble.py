@@ -114,9 +114,9 @@ def resolve_all(
     for family in families:
         if step:  # a family that misplaces any of a sample's modules cannot fit: skip the full pass
             probe = _resolve(modules[::step], signatures[::step], shapes, family, verdicts)
-            if probe.unknown or probe.misfit:
-                probe.sampled = not exhaustive
-                results.append(probe if probe.sampled else _resolve(modules, signatures, shapes, family, verdicts))
+            if (probe.unknown or probe.misfit) and not exhaustive:
+                probe.sampled = True
+                results.append(probe)
                 continue
         results.append(_resolve(modules, signatures, shapes, family, verdicts))
     return results

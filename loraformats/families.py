@@ -144,9 +144,8 @@ class Component:
         for naming in self.naming_names():
             for path in self.named_paths(naming):
                 spellings.setdefault((path, self.name_in(path, naming)), []).append(naming)
-        return frozenset(
-            (path, naming) for (path, _), namings in spellings.items() if len(namings) > 1 for naming in namings
-        )
+        shared = [((path, n) for n in namings) for (path, _), namings in spellings.items() if namings[1:]]
+        return frozenset(pair for pairs in shared for pair in pairs)
 
     def row_order(self, path: str, naming: str) -> tuple[tuple[int, int], ...] | None:
         return self.row_orders.get(naming, {}).get(path)

@@ -33,8 +33,8 @@ from loraformats import format_choice
 from loraformats.assemble import resolve_all
 from loraformats.cli import main
 from loraformats.detection import header_from_bytes
-from loraformats.formats import SAMPLE_NAMES
 from loraformats.errors import UsageError
+from loraformats.formats import SAMPLE_NAMES
 from loraformats.plugins import registry
 
 ROOT = Path(__file__).resolve().parents[1]
