@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -130,21 +130,24 @@ def _resolve(
     verdicts: dict[tuple[int, int], str | None],
 ) -> Resolution:
     result = Resolution(family)
-    components: dict[tuple, list[Component]] = {}
+    matches, unknown = result.matches, result.unknown
+    # per hint object (parsers share one per component) and flatness: (component, lookup, table)
+    candidates_of: dict[tuple[int, bool], list[tuple[Component, Callable, dict[str, Layer]]]] = {}
     for module, signature in zip(modules, signatures, strict=True):
-        hint = module.hint
-        cache_key = (hint.name, hint.role, hint.slot, hint.encoder)  # cheaper than the dataclass hash
-        candidates = components.get(cache_key)
+        flat = module.flat
+        candidates = candidates_of.get((id(module.hint), flat))
         if candidates is None:
-            candidates = components[cache_key] = family.find_components(hint)
+            candidates = candidates_of[(id(module.hint), flat)] = [
+                (c, c.resolve_flat if flat else c.resolve_dotted, c.modules)
+                for c in family.find_components(module.hint)
+            ]
         found, problem, layer = None, None, None
-        for component in candidates:
-            lookup = component.resolve_flat if module.flat else component.resolve_dotted
+        for component, lookup, table in candidates:
             for name in module.names:
                 hit = lookup(name)
                 if hit is None:
                     continue
-                layer = component.modules[hit[0]]
+                layer = table[hit[0]]
                 key = (id(layer), signature)
                 problem = verdicts.get(key, _UNSEEN)
                 if problem is _UNSEEN:
@@ -156,12 +159,12 @@ def _resolve(
             if found:
                 break
         if found:
-            result.matches.append(found)
+            matches.append(found)
         elif problem:
             result.misfit.append(f"{module.key} ({problem})")
             result.misfit_layers[module.key] = layer
         else:
-            result.unknown.append(module.key)
+            unknown.append(module.key)
     return result
 
 

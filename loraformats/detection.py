@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
+from operator import attrgetter
 from pathlib import Path
 
 from . import format_choice
@@ -20,7 +21,7 @@ from .detection_result import SCHEMA_VERSION, Candidate, ComponentSummary, Detec
 from .evidence import ambiguity, claimed_families, describe, report_claims, score_families
 from .families import Family
 from .format_choice import FormatChoice
-from .formats import Format
+from .formats import Format, ParsedFile
 from .header import Header, parse_header
 from .pickles import temporaries_removed
 from .plugins import registry
@@ -113,9 +114,7 @@ def _detect(choice: FormatChoice, where: str, read_alphas: bool) -> Detection:
         result.reasons.append(
             "not convertible yet: " + "; ".join(f"{r} ({n})" for r, n in unsupported.most_common(3))
         )
-    result.algorithms = sorted(  # a module of nothing but an alpha (its factors unsupported) says nothing
-        {m.algorithm for _, parsed in choice.parts for m in parsed.modules if set(m.tensors) - {"alpha"}}
-    )
+    result.algorithms = _algorithms([parsed for _, parsed in choice.parts])
     resolutions = choice.resolutions or _resolve(choice.parts, families)
     for claim in claims:  # a family the metadata names deserves exact evidence, if it is ruled out
         for name in claim.families:
@@ -141,6 +140,18 @@ def _detect(choice: FormatChoice, where: str, read_alphas: bool) -> Detection:
     penalty = CONTRADICTION_FACTOR if result.contradictions else 1.0
     result.confidence = round(choice.share * family_share * penalty, 4)
     return result
+
+
+def _algorithms(parsed: list[ParsedFile]) -> list[str]:
+    """The algorithms of the parsed modules; a module of nothing but an alpha (its factors
+    unsupported) says nothing."""
+    modules = [module for part in parsed for module in part.modules]
+    found = set(map(attrgetter("algorithm"), modules))
+    return sorted(
+        algorithm
+        for algorithm in found
+        if any(m.algorithm == algorithm and len(m.tensors) > ("alpha" in m.tensors) for m in modules)
+    )
 
 
 def _releases(result: Detection, winner: Resolution) -> None:

@@ -144,7 +144,7 @@ def score_families(
     """Every family's share of modules, what fitted, and which names or shapes ruled the others out
     (returned when one family fits)."""
     winner = fitting[0] if len(fitting) == 1 else None
-    fitted = {m.module.key: m for m in winner.matches} if winner and len(resolutions) > 1 else {}
+    fitted = None  # the winner's matches by module key, built when a misfit needs it
     candidates: dict[str, Candidate] = {}
     ruled_out: list[str] = []
     for name, resolution in resolutions.items():
@@ -165,6 +165,8 @@ def score_families(
                     f"{len(resolution.misfit)} shapes do not fit, e.g. {resolution.misfit[0]}"
                 )
             continue
+        if resolution.misfit_layers and fitted is None:
+            fitted = {m.module.key: m for m in winner.matches}
         shown = decided_by_shape(winner, resolution, fitted)
         if resolution.misfit:
             example = shown or resolution.misfit[0]

@@ -70,7 +70,7 @@ def complete(
         fitting = []
         for fmt in found:
             try:
-                parsed = fmt.parse(header)
+                parsed = fmt.parsed(header)
             except LoraFormatsError:
                 continue
             resolved = dict(zip(families, resolve_all(parsed, header, families.values()), strict=True))
@@ -105,7 +105,7 @@ def for_header(header: Header) -> FormatChoice:
     if not found:
         choice.reasons.append(f"{fmt.name} explains {share:.0%} of the names; the rest are unsupported")
     try:
-        parsed, choice.resolutions = work.get(fmt.name) or (fmt.parse(header), {})
+        parsed, choice.resolutions = work.get(fmt.name) or (fmt.parsed(header), {})
     except LoraFormatsError as error:
         choice.reasons.append(f"{fmt.name}: {error.message}")
         return choice

@@ -133,6 +133,14 @@ class Format:
             evidence.against.append(f"{len(names) - len(ours)} names are not, e.g. {example!r}")
         return evidence
 
+    def parsed(self, header: Header) -> ParsedFile:
+        """`parse`, once per header: a sniff that confirms a file by parsing it (Kohya's) leaves the
+        parse for detection to use."""
+        found = header.parses.get(self.name)
+        if found is None:
+            found = header.parses[self.name] = self.parse(header)
+        return found
+
     def describe(self, header: Header) -> dict[str, str]:
         """What the header's metadata says in this format's vocabulary, summarised for people and apps
         (e.g. training settings, `trigger_words`). Detection asks every format, so entries of other

@@ -14,9 +14,12 @@ import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain
 from math import prod
+from operator import itemgetter, le, mul, sub
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from .errors import InvalidFileError, OutputError
 
@@ -37,6 +40,8 @@ INT64_MAX = 2**63 - 1
 NOT_REGULAR = "is not a regular file (a FIFO, socket or device)"
 
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+_FIELDS = itemgetter("dtype", "shape", "data_offsets")
+_START, _END = itemgetter(2), itemgetter(3)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -70,6 +75,8 @@ class Header:
     temporary: bool = field(default=False, repr=False)
     #: ...and then the path the user gave.
     origin: Path | None = field(default=None, repr=False)
+    #: Format name -> its parse of this header (`Format.parsed`): detection sniffs, then parses.
+    parses: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -184,11 +191,12 @@ def parse_header(raw: bytes, *, path: str | os.PathLike = "<header>", data_size:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidFileError("__metadata__ must map strings to strings")
     _check_text([*metadata, *metadata.values()], "__metadata__")
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in doc.items():
-        tensors[name] = _tensor_info(name, entry)
+    tensors = _tensor_infos(doc)
+    if tensors is None:  # some entry is wrong: find it and say what, one entry at a time
+        tensors = {name: _tensor_info(name, entry) for name, entry in doc.items()}
     _check_text(tensors, "tensor name")
-    _check_layout(tensors, data_size)
+    if not _tiles(tensors, data_size):
+        _check_layout(tensors, data_size)
     return Header(
         path=Path(path),
         metadata=metadata,
@@ -207,6 +215,16 @@ def _check_text(strings: Iterable[str], what: str) -> None:
     """Strings must be real Unicode (no lone surrogates from `\\ud800` escapes): they are printed and
     re-encoded later. Tensor names must also be free of control characters, so that every message
     naming one stays on one line (metadata values may hold newlines)."""
+    strings = list(strings)
+    joined = "".join(strings)  # all at once first; the culprit is looked for only if there is one
+    if joined.isascii() and (what != "tensor name" or joined.isprintable()):
+        return  # ASCII encodes, and printable ASCII has no control characters
+    try:
+        joined.encode("utf-8")
+        if what != "tensor name" or not _CONTROL.search(joined):
+            return
+    except UnicodeEncodeError:
+        pass
     for text in strings:
         try:
             text.encode("utf-8")
@@ -214,6 +232,51 @@ def _check_text(strings: Iterable[str], what: str) -> None:
             raise InvalidFileError(f"{what} {text!r} is not valid Unicode") from None
         if what == "tensor name" and _CONTROL.search(text):
             raise InvalidFileError(f"{what} {text!r} contains control characters")
+
+
+def _tensor_infos(doc: dict[str, object]) -> dict[str, TensorInfo] | None:
+    """Every entry checked at once, in C-level passes (a header may list thousands of tensors);
+    None when any entry is wrong (or has a zero dimension), for `_tensor_info` to say which and why."""
+    entries = list(doc.values())
+    if not entries:
+        return {}
+    try:
+        if set(map(len, entries)) != {3}:
+            return None
+        dtypes, shapes, offsets = zip(*map(_FIELDS, entries), strict=True)  # KeyError: a field missing
+        if not set(dtypes) <= DTYPE_SIZES.keys() or {*map(type, shapes), *map(type, offsets)} != {list}:
+            return None
+        dims = list(chain.from_iterable(shapes))
+        if set(map(type, dims)) - {int} or set(map(len, offsets)) != {2}:
+            return None
+        starts, ends = zip(*offsets, strict=True)
+    except (TypeError, KeyError):  # an entry that is not an object, or an unhashable dtype
+        return None
+    if {*map(type, starts), *map(type, ends)} != {int} or min(starts) < 0 or max(ends) > INT64_MAX:
+        return None
+    if dims and (min(dims) <= 0 or max(dims) > INT64_MAX):
+        return None  # zero dimensions are legal but rare: the slow path checks their other dimensions
+    counts = list(map(prod, shapes))
+    if max(counts) > INT64_MAX:
+        return None
+    if list(map(mul, counts, map(DTYPE_SIZES.__getitem__, dtypes))) != list(map(sub, ends, starts)):
+        return None
+    infos = map(
+        partial(tuple.__new__, TensorInfo), zip(dtypes, map(tuple, shapes), starts, ends, strict=True)
+    )
+    return dict(zip(doc, infos, strict=True))
+
+
+def _tiles(tensors: dict[str, TensorInfo], data_size: int | None) -> bool:
+    """Whether the tensors sit end to end from byte 0 (and fill the data section, given its size):
+    the layout of every file safetensors writes, checked at C speed. False leaves the reason to
+    `_check_layout`, which also accepts gaps when the data size is unknown."""
+    if not tensors:
+        return data_size in (None, 0)
+    starts, ends = list(map(_START, tensors.values())), list(map(_END, tensors.values()))
+    if not all(map(le, starts, starts[1:])):  # in file order already, as safetensors writes them
+        starts, ends = map(list, zip(*sorted(zip(starts, ends, strict=True)), strict=True))
+    return starts[0] == 0 and starts[1:] == ends[:-1] and data_size in (None, ends[-1])
 
 
 def _tensor_info(name: str, entry: object) -> TensorInfo:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from .alpha_values import read_alphas_of
-from .assemble import Match, Part, Resolution, spelled_alike
+from .assemble import Match, Part, Resolution
 from .detection_result import ComponentSummary, Detection, ModuleGroup
 from .families import CANONICAL, Component
 from .format_choice import FormatChoice
@@ -47,17 +47,21 @@ Signature = tuple[str, str, int | None, str, str, str, str]
 def signatures(parts: Iterable[tuple[Header, list[Match]]]) -> Counter[Signature]:
     """How many modules share each (component, block, rank, dtype, algorithm, layer kind, naming).
 
-    The dtype is the up factor's (what `Adapter.dtype` reports); alpha tensors do not count.
+    The dtype is the up factor's (what `Adapter.dtype` reports); alpha tensors do not count. A name
+    several namings share tells nothing about the naming, so its naming is "".
     """
     counts: Counter[Signature] = Counter()
-    tables: dict[int, tuple[dict[str, str], dict]] = {}  # per component: block and layer by path
+    tables: dict[int, tuple[dict[str, str], dict, frozenset]] = {}  # per component
     for header, matches in parts:
         tensors = header.tensors
-        for match in matches:
-            module, component, path, naming = match
+        for module, component, path, naming in matches:
             table = tables.get(id(component))
             if table is None:
-                table = tables[id(component)] = (blocks(component), component.modules)
+                table = tables[id(component)] = (
+                    blocks(component),
+                    component.modules,
+                    component.spelled_alike,
+                )
             roles = module.tensors
             down, up = roles.get("down"), roles.get("up")
             key = (
@@ -67,7 +71,7 @@ def signatures(parts: Iterable[tuple[Header, list[Match]]]) -> Counter[Signature
                 tensors[up or next(iter(roles.values()))].dtype,
                 module.algorithm,
                 table[1][path].kind,
-                "" if spelled_alike(match) else naming,  # a name namings share tells nothing
+                "" if (path, naming) in table[2] else naming,
             )
             counts[key] += 1
     return counts

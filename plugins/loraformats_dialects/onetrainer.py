@@ -13,9 +13,9 @@ from typing import ClassVar
 from loraformats.canonical import AdapterSet
 from loraformats.formats import Evidence, ReadContext
 from loraformats.header import Header
-from loraformats_kohya.format import KohyaFormat
+from loraformats_kohya.format import KohyaFormat, key_grammar
 
-KEY = re.compile(r"^(?P<prefix>lora_transformer|lora_te(?P<slot>\d?))_(?P<name>[^.]+)\.(?P<suffix>.+)$")
+KEY, OWN_KEY = key_grammar("lora_transformer")
 
 
 class OneTrainerFormat(KohyaFormat):
@@ -27,6 +27,7 @@ class OneTrainerFormat(KohyaFormat):
     )
     writable = False
     key_pattern: ClassVar[re.Pattern[str]] = KEY
+    own_key_pattern: ClassVar[re.Pattern[str]] = OWN_KEY
     owned_metadata: ClassVar[tuple[str, ...]] = ()
     refines: ClassVar[str | None] = "kohya"
 
