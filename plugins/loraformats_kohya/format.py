@@ -155,13 +155,14 @@ class KohyaFormat(Format):
     def parse(self, header: Header) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}
         unsupported: dict[str, str] = {}
+        module_of, role_of, grammar = grouped.get, ROLES.get, self.key_pattern.match
         for tensor in header.tensors:
             # Detection parses every key of every file: a module's first key is checked against the
             # grammar (KEY), its other keys only split (a stem has no dots, so partition is exact).
             stem, _, suffix = tensor.partition(".")
-            module, role = grouped.get(stem), ROLES.get(suffix)
+            module, role = module_of(stem), role_of(suffix)
             if module is None or role is None:
-                match = self.key_pattern.match(tensor)
+                match = grammar(tensor)
                 if match is None:
                     unsupported[tensor] = next(
                         (why for prefix, why in OTHER_KEYS.items() if tensor.startswith(prefix)),
@@ -174,9 +175,8 @@ class KohyaFormat(Format):
                         f"unknown suffix {suffix!r}",
                     )
                     continue
-                module = grouped[stem] = ParsedModule(
-                    stem, _hint(match["prefix"], match["slot"]), (match["name"],), flat=True, tensors={}
-                )
+                prefix, slot, name = match.group("prefix", "slot", "name")
+                module = grouped[stem] = ParsedModule(stem, _hint(prefix, slot), (name,), True, {})
             module.tensors[role] = tensor
             if role == "magnitude":
                 module.algorithm = "dora"
