@@ -10,12 +10,13 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 from .adapters import ALGORITHMS, Adapter, Exactness
 from .canonical import AdapterSet, ModuleKey, Provenance
 from .errors import InvalidFileError, UnsupportedError, UsageError
-from .families import Component, Family, Layer
+from .families import Component, Family, Layer, Place
 from .formats import Format, ParsedFile, ParsedModule, ReadContext
 from .fusion import inverse, reorder_rows
 from .header import Header
@@ -52,6 +53,9 @@ class Resolution:
     #: Whether only a sample spread over the file was resolved: enough to rule the family out, so the
     #: counts are the sample's.
     sampled: bool = False
+    #: Per match, its place and its geometry (algorithm, then role, dtype and shape of each tensor):
+    #: what a summary of the file counts, gathered as the modules are placed.
+    census: list[tuple[Place, tuple]] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -99,72 +103,85 @@ def resolve_all(
     (`Layer.from_spec`), shared across families.
     """
     tensors = header.tensors
-    kinds: dict[tuple, int] = {}  # signature -> small id, so verdict keys hash cheaply
+    kinds: dict[tuple, int] = {}  # geometry -> small id, so verdict keys hash cheaply
     signatures = []
     for module in parsed.modules:
-        signature = [module.algorithm]
+        geometry = [module.algorithm]
         for role, name in module.tensors.items():
-            signature += (role, tensors[name].shape)
-        signatures.append(kinds.setdefault(tuple(signature), len(kinds)))
-    shapes = {i: dict(zip(s[1::2], s[2::2], strict=True)) for s, i in kinds.items()}
-    verdicts: dict[tuple[int, int], str | None] = {}
+            info = tensors[name]
+            geometry += (role, info.dtype, info.shape)
+        signatures.append(kinds.setdefault(tuple(geometry), len(kinds)))
+    space = Geometries(list(kinds), {i: dict(zip(g[1::3], g[3::3], strict=True)) for g, i in kinds.items()})
     modules = parsed.modules
     step = len(modules) // SAMPLE if len(modules) > 2 * SAMPLE else 0
     results = []
     for family in families:
         if step:  # a family that misplaces any of a sample's modules cannot fit: skip the full pass
-            probe = _resolve(modules[::step], signatures[::step], shapes, family, verdicts)
+            probe = _resolve(modules[::step], signatures[::step], space, family)
             if (probe.unknown or probe.misfit) and not exhaustive:
                 probe.sampled = True
                 results.append(probe)
                 continue
-        results.append(_resolve(modules, signatures, shapes, family, verdicts))
+        results.append(_resolve(modules, signatures, space, family))
     return results
 
 
+@dataclass
+class Geometries:
+    """The distinct geometries of a file's modules, by id, and the shape verdicts found so far."""
+
+    geometries: list[tuple]
+    shapes: dict[int, dict[str, tuple[int, ...]]]
+    verdicts: dict[tuple[int, int], str | None] = field(default_factory=dict)
+
+
+_MATCH = partial(tuple.__new__, Match)  # without NamedTuple's Python-level __new__: one per module
+
+
 def _resolve(
-    modules: list[ParsedModule],
-    signatures: list[int],
-    shapes: dict[int, dict[str, tuple[int, ...]]],
-    family: Family,
-    verdicts: dict[tuple[int, int], str | None],
+    modules: list[ParsedModule], signatures: list[int], space: Geometries, family: Family
 ) -> Resolution:
     result = Resolution(family)
-    matches, unknown = result.matches, result.unknown
-    # per hint object (parsers share one per component) and flatness: (component, lookup, table)
-    candidates_of: dict[tuple[int, bool], list[tuple[Component, Callable, dict[str, Layer]]]] = {}
+    verdicts, shapes, geometries = space.verdicts, space.shapes, space.geometries
+    census = result.census
+    candidates_of: dict[tuple[int, bool], list[tuple[Component, Callable, Callable]]] = {}
     for module, signature in zip(modules, signatures, strict=True):
         flat = module.flat
         candidates = candidates_of.get((id(module.hint), flat))
         if candidates is None:
             candidates = candidates_of[(id(module.hint), flat)] = [
-                (c, c.resolve_flat if flat else c.resolve_dotted, c.modules)
+                (
+                    c,
+                    (c.flat_index if flat else c.dotted_index).get,
+                    c.resolve_flat if flat else c.resolve_dotted,
+                )
                 for c in family.find_components(module.hint)
             ]
         found, problem, layer = None, None, None
-        for component, lookup, table in candidates:
+        for component, known, lookup in candidates:
             for name in module.names:
-                hit = lookup(name)
+                hit = known(name) or lookup(name)  # the exact name, else the lookup's tolerated quirks
                 if hit is None:
                     continue
-                layer = table[hit[0]]
+                layer = component.modules[hit[0]]
                 key = (id(layer), signature)
                 problem = verdicts.get(key, _UNSEEN)
                 if problem is _UNSEEN:
                     algorithm = ALGORITHMS[module.algorithm]
                     problem = verdicts[key] = algorithm.shape_problem(shapes[signature], layer)
                 if problem is None:
-                    found = Match(module, component, *hit)
+                    found = _MATCH((module, component, *hit))
+                    census.append((component.places[hit], geometries[signature]))
                     break
             if found:
                 break
         if found:
-            matches.append(found)
+            result.matches.append(found)
         elif problem:
             result.misfit.append(f"{module.key} ({problem})")
             result.misfit_layers[module.key] = layer
         else:
-            unknown.append(module.key)
+            result.unknown.append(module.key)
     return result
 
 
@@ -181,6 +198,8 @@ def resolve_parts_all(
 ) -> list[Resolution]:
     """`resolve_parts` for several families, each part's shapes read once (`resolve_all`)."""
     families = list(families)
+    if len(parts) == 1:
+        return resolve_all(parts[0][1], parts[0][0], families, exhaustive=exhaustive)
     combined = [Resolution(family) for family in families]
     for header, parsed in parts:
         resolved = resolve_all(parsed, header, families, exhaustive=exhaustive)
@@ -189,6 +208,7 @@ def resolve_parts_all(
             total.unknown += single.unknown
             total.misfit += single.misfit
             total.misfit_layers.update(single.misfit_layers)
+            total.census += single.census
             total.sampled |= single.sampled
     return combined
 

@@ -51,6 +51,21 @@ class Layer:
 _LAYERS: dict[Layer, Layer] = {}
 
 
+def block_of(path: str) -> str:
+    """The block a module path belongs to: the path up to its first index (`down_blocks.1`,
+    `text_model.encoder.layers.3`, `mid_block.attentions.0`), else its first segment (`conv_in`).
+    Generic on purpose: every family numbers its repeated blocks."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+#: Component, block, layer kind and naming of a module ("" where namings spell its name alike).
+Place = tuple[str, str, str, str]
+
+
 @dataclass(frozen=True)
 class ComponentHint:
     """What a key says about its component: a name (`unet.`), or a role and slot (`lora_te2_`)."""
@@ -147,11 +162,39 @@ class Component:
         shared = [((path, n) for n in namings) for (path, _), namings in spellings.items() if namings[1:]]
         return frozenset(pair for pairs in shared for pair in pairs)
 
+    @cached_property
+    def blocks(self) -> dict[str, str]:
+        """Module path -> the block it belongs to (`block_of`), in model order."""
+        return {path: block_of(path) for path in self.modules}
+
+    @cached_property
+    def block_order(self) -> dict[str, int]:
+        """Block -> its position in model order (of its first module)."""
+        order: dict[str, int] = {}
+        for block in self.blocks.values():
+            order.setdefault(block, len(order))
+        return order
+
+    @cached_property
+    def places(self) -> dict[tuple[str, str], Place]:
+        """(path, naming) -> what a module's place says about it (component, block, layer kind,
+        naming), one shared tuple per distinct answer: detection counts modules by place."""
+        interned: dict[Place, Place] = {}
+        table = {}
+        for naming in self.naming_names():
+            for path in self.named_paths(naming):
+                place = (self.name, self.blocks[path], self.modules[path].kind, naming)
+                if (path, naming) in self.spelled_alike:
+                    place = (*place[:3], "")  # a name several namings share tells nothing
+                table[path, naming] = interned.setdefault(place, place)
+        return table
+
     def row_order(self, path: str, naming: str) -> tuple[tuple[int, int], ...] | None:
         return self.row_orders.get(naming, {}).get(path)
 
     @cached_property
-    def _dotted_index(self) -> dict[str, tuple[str, str]]:
+    def dotted_index(self) -> dict[str, tuple[str, str]]:
+        """Dotted name in any naming (and under any path alias) -> (canonical path, naming)."""
         index: dict[str, tuple[str, str]] = {}
         for naming in reversed(self.naming_names()):
             for path in self.named_paths(naming):
@@ -163,7 +206,8 @@ class Component:
         return index
 
     @cached_property
-    def _flat_index(self) -> dict[str, tuple[str, str]]:
+    def flat_index(self) -> dict[str, tuple[str, str]]:
+        """Kohya-style flattened name in any naming -> (canonical path, naming)."""
         index: dict[str, tuple[str, str]] = {}
         for naming in self.naming_names():
             for path in self.named_paths(naming):
@@ -178,13 +222,13 @@ class Component:
 
     def resolve_dotted(self, name: str) -> tuple[str, str] | None:
         """(canonical path, naming) of a dotted module name in any of this component's namings."""
-        return self._dotted_index.get(name)
+        return self.dotted_index.get(name)
 
     def resolve_flat(self, name: str) -> tuple[str, str] | None:
         """(canonical path, naming) of a Kohya-style flattened name; never guesses underscores."""
-        found = self._flat_index.get(name)
+        found = self.flat_index.get(name)
         if found is None and name.endswith("_"):  # a known trainer quirk: a trailing separator
-            found = self._flat_index.get(name.rstrip("_"))
+            found = self.flat_index.get(name.rstrip("_"))
         return found
 
     @classmethod

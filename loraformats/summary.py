@@ -13,83 +13,25 @@ from collections.abc import Iterable
 from .alpha_values import read_alphas_of
 from .assemble import Match, Part, Resolution
 from .detection_result import ComponentSummary, Detection, ModuleGroup
-from .families import CANONICAL, Component
+from .families import CANONICAL, Place
 from .format_choice import FormatChoice
 from .header import Header
-
-#: Module path -> block, per component (built once per component; families live for the process).
-_BLOCKS: dict[int, tuple[Component, dict[str, str]]] = {}
-
-
-def block_of(path: str) -> str:
-    """The block a module path belongs to: the path up to its first index (`down_blocks.1`,
-    `text_model.encoder.layers.3`, `mid_block.attentions.0`), else its first segment (`conv_in`).
-    Generic on purpose: the core knows no family, and every family numbers its repeated blocks."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0]
-
-
-def blocks(component: Component) -> dict[str, str]:
-    """`block_of` for every module of a component, in model order (cached per component)."""
-    cached = _BLOCKS.get(id(component))
-    if cached is None or cached[0] is not component:
-        cached = _BLOCKS[id(component)] = (component, {path: block_of(path) for path in component.modules})
-    return cached[1]
-
 
 #: component, block, rank, dtype, algorithm, layer kind, naming
 Signature = tuple[str, str, int | None, str, str, str, str]
 
 
-def signatures(parts: Iterable[tuple[Header, list[Match]]]) -> Counter[Signature]:
-    """How many modules share each (component, block, rank, dtype, algorithm, layer kind, naming).
-
-    The dtype is the up factor's (what `Adapter.dtype` reports); alpha tensors do not count. A name
-    several namings share tells nothing about the naming, so its naming is "".
-    """
+def signatures(census: Iterable[tuple[Place, tuple]]) -> Counter[Signature]:
+    """How many modules share each (component, block, rank, dtype, algorithm, layer kind, naming),
+    from a resolution's census. The rank is the down factor's first dimension; the dtype is the up
+    factor's (what `Adapter.dtype` reports), else the first tensor's; alpha tensors do not count."""
     counts: Counter[Signature] = Counter()
-    tables: dict[int, tuple[dict[str, str], dict, frozenset]] = {}  # per component
-    for header, matches in parts:
-        tensors = header.tensors
-        for module, component, path, naming in matches:
-            table = tables.get(id(component))
-            if table is None:
-                table = tables[id(component)] = (
-                    blocks(component),
-                    component.modules,
-                    component.spelled_alike,
-                )
-            roles = module.tensors
-            down, up = roles.get("down"), roles.get("up")
-            key = (
-                component.name,
-                table[0][path],
-                tensors[down].shape[0] if down else None,
-                tensors[up or next(iter(roles.values()))].dtype,
-                module.algorithm,
-                table[1][path].kind,
-                "" if (path, naming) in table[2] else naming,
-            )
-            counts[key] += 1
+    for ((component, block, kind, naming), geometry), count in Counter(census).items():
+        algorithm, roles, dtypes, shapes = geometry[0], geometry[1::3], geometry[2::3], geometry[3::3]
+        rank = shapes[roles.index("down")][0] if "down" in roles else None
+        dtype = dtypes[roles.index("up")] if "up" in roles else dtypes[0]
+        counts[component, block, rank, dtype, algorithm, kind, naming] += count
     return counts
-
-
-#: Block -> position in model order, per component (cached like `_BLOCKS`).
-_ORDER: dict[int, tuple[Component, dict[str, int]]] = {}
-
-
-def model_order(component: Component) -> dict[str, int]:
-    """Position of each block of a component in model order (first module of the block)."""
-    cached = _ORDER.get(id(component))
-    if cached is None or cached[0] is not component:
-        order: dict[str, int] = {}
-        for block in blocks(component).values():
-            order.setdefault(block, len(order))
-        cached = _ORDER[id(component)] = (component, order)
-    return cached[1]
 
 
 # ------------------------------------------------------------------------------------------ in a result
@@ -97,11 +39,10 @@ def model_order(component: Component) -> dict[str, int]:
 
 def summarise(result: Detection, choice: FormatChoice, winner: Resolution, read_alphas: bool) -> None:
     """Components and block groups of the modules the (first) fitting family explains."""
-    parts = _matches_by_header(choice.parts, winner)
     groups: dict[tuple[str, str], ModuleGroup] = {}
     components: dict[str, ComponentSummary] = {}
     namings: dict[str, Counter] = {}
-    for (component, block, rank, dtype, algorithm, kind, naming), count in signatures(parts).items():
+    for (component, block, rank, dtype, algorithm, kind, naming), count in signatures(winner.census).items():
         group = groups.get((component, block))
         if group is None:
             group = groups[(component, block)] = ModuleGroup(
@@ -122,13 +63,13 @@ def summarise(result: Detection, choice: FormatChoice, winner: Resolution, read_
             group.algorithms.append(algorithm)
         namings[component][naming] += count
     if read_alphas:
-        for match, value in read_alphas_of(choice.chosen, parts):
-            group = groups[(match.component.name, blocks(match.component)[match.path])]
+        for match, value in read_alphas_of(choice.chosen, _matches_by_header(choice.parts, winner)):
+            group = groups[(match.component.name, match.component.blocks[match.path])]
             group.alphas[value] = group.alphas.get(value, 0) + 1
             result.alphas[value] = result.alphas.get(value, 0) + 1
     family = winner.family
     order = {name: i for i, name in enumerate(family.components)}
-    positions = {name: model_order(family.components[name]) for name in components}
+    positions = {name: family.components[name].block_order for name in components}
     result.groups = sorted(
         groups.values(), key=lambda g: (order[g.component], positions[g.component][g.block])
     )
