@@ -45,7 +45,7 @@ def summarise(result: Detection, choice: FormatChoice, winner: Resolution, read_
     for (component, block, rank, dtype, algorithm, kind, naming), count in signatures(winner.census).items():
         group = groups.get((component, block))
         if group is None:
-            group = groups[(component, block)] = ModuleGroup(
+            group = groups[(component, block)] = ModuleGroup.model_construct(  # built from checked values
                 component=component, block=block, modules=0, ranks={}, dtypes=[], algorithms=[], kinds={}
             )
         summary = components.get(component)
