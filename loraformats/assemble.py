@@ -117,7 +117,7 @@ def resolve_all(
     results = []
     for family in families:
         if step:  # a family that misplaces any of a sample's modules cannot fit: skip the full pass
-            probe = _resolve(modules[::step], signatures[::step], space, family)
+            probe = _resolve(modules[::step], signatures[::step], space, family, census=False)
             if (probe.unknown or probe.misfit) and not exhaustive:
                 probe.sampled = True
                 results.append(probe)
@@ -139,11 +139,10 @@ _MATCH = partial(tuple.__new__, Match)  # without NamedTuple's Python-level __ne
 
 
 def _resolve(
-    modules: list[ParsedModule], signatures: list[int], space: Geometries, family: Family
+    modules: list[ParsedModule], signatures: list[int], space: Geometries, family: Family, census: bool = True
 ) -> Resolution:
     result = Resolution(family)
     verdicts, shapes, geometries = space.verdicts, space.shapes, space.geometries
-    census = result.census
     candidates_of: dict[tuple[int, bool], list[tuple[Component, Callable, Callable]]] = {}
     for module, signature in zip(modules, signatures, strict=True):
         flat = module.flat
@@ -171,7 +170,8 @@ def _resolve(
                     problem = verdicts[key] = algorithm.shape_problem(shapes[signature], layer)
                 if problem is None:
                     found = _MATCH((module, component, *hit))
-                    census.append((component.places[hit], geometries[signature]))
+                    if census:  # a probe's census would go unused
+                        result.census.append((component.places[hit], geometries[signature]))
                     break
             if found:
                 break
@@ -257,7 +257,7 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
 
 def spelled_alike(match: Match) -> bool:
     """Whether another naming spells this module the same way (SD3's `context_embedder`)."""
-    return (match.path, match.naming) in match.component.spelled_alike
+    return match.component.places[match.path, match.naming][3] == ""
 
 
 def _claimed(family: Family, parts: list[Part]) -> bool:

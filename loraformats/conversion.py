@@ -17,8 +17,8 @@ from .canonical import AdapterSet
 from .errors import InvalidFileError, UnsupportedError, UsageError
 from .families import CANONICAL
 from .formats import Format, ReadContext
-from .header import Header, read_header
-from .pickles import pickled_by_content, pickled_by_name, refuse, temporaries_removed, to_safetensors
+from .header import Header
+from .pickles import open_header, temporaries_removed
 from .planning import plan
 from .plugins import registry
 from .report import ConversionReport, Step
@@ -46,24 +46,6 @@ def sniff_format(header: Header) -> Format:
     scored = sorted(((said.score, name) for name, said in evidence.items()), reverse=True)
     best = ", ".join(f"{name} {score:.1%}" for score, name in scored[:3] if score > 0) or "no format matched"
     raise UnsupportedError(f"not a LoRA file in any installed format (best: {best})", path=header.path)
-
-
-def open_header(path: str | os.PathLike, *, allow_pickle: bool = False) -> Header:
-    """The validated header of `path`; a pickle is refused, or (opted in) re-read as safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        return read_header(path)  # the usual one-line error for a missing path or a directory
-    if not pickled_by_name(path):
-        try:
-            return read_header(path)
-        except InvalidFileError:
-            if not pickled_by_content(path):
-                raise
-    if not allow_pickle:
-        raise refuse(path)
-    header = read_header(to_safetensors(path))
-    header.temporary, header.origin = True, path
-    return header
 
 
 def sniff_directory(path: Path) -> Format:

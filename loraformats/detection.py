@@ -23,7 +23,7 @@ from .families import Family
 from .format_choice import FormatChoice
 from .formats import Format, ParsedFile
 from .header import Header, parse_header
-from .pickles import temporaries_removed
+from .pickles import open_header, temporaries_removed
 from .plugins import registry
 from .summary import summarise
 
@@ -64,8 +64,6 @@ def detect_headers(
         choice = format_choice.for_directory(path, allow_pickle)
         headers = [header for header, _ in choice.parts]
     else:
-        from .conversion import open_header
-
         headers = [open_header(path, allow_pickle=allow_pickle)]
         choice = format_choice.for_header(headers[0])
     with temporaries_removed(headers):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from .deferred import DeferredModel
 
 SCHEMA_VERSION = 1
 
 
-class Candidate(BaseModel):
+class Candidate(DeferredModel):
     """One format or family, scored, with the evidence for and against it."""
 
     name: str
@@ -21,7 +23,7 @@ class Candidate(BaseModel):
     against: list[str] = Field(default_factory=list, description="evidence against")
 
 
-class ComponentSummary(BaseModel):
+class ComponentSummary(DeferredModel):
     """The modules of one component (UNet, a text encoder) of the pipeline."""
 
     name: str
@@ -33,7 +35,7 @@ class ComponentSummary(BaseModel):
     )
 
 
-class ModuleGroup(BaseModel):
+class ModuleGroup(DeferredModel):
     """The modules of one block of one component (e.g. unet `down_blocks.1`), in model order."""
 
     component: str
@@ -48,7 +50,7 @@ class ModuleGroup(BaseModel):
     kinds: dict[str, int] = Field(description="layer kind (linear, conv2d) -> number of modules")
 
 
-class Detection(BaseModel):
+class Detection(DeferredModel):
     """The answer to "what is this file". `unknown` and `ambiguous` are valid answers."""
 
     schema_version: Literal[1] = SCHEMA_VERSION

@@ -37,18 +37,24 @@ class Layer:
 
     @classmethod
     def from_spec(cls, entry: list) -> Layer:
-        """The layer of a spec entry; equal layers are one shared object, so hot paths can key on `id`."""
+        """The layer of a spec entry; equal layers are one shared object, so hot paths can key on `id`.
+        A family's spec lists thousands of entries with a few dozen geometries: most are looked up."""
         kind, fan_in, fan_out, *rest = entry
-        layer = cls(kind, fan_in, fan_out, tuple(rest[0]) if rest else (1, 1))
-        return _LAYERS.setdefault(layer, layer)
+        kernel = tuple(rest[0]) if rest else (1, 1)
+        found = _SPEC_LAYERS.get((kind, fan_in, fan_out, kernel))
+        if found is None:
+            layer = cls(kind, fan_in, fan_out, kernel)
+            found = _SPEC_LAYERS[kind, fan_in, fan_out, kernel] = _LAYERS.setdefault(layer, layer)
+        return found
 
     def to_spec(self) -> list:
         entry: list = [self.kind, self.in_features, self.out_features]
         return [*entry, list(self.kernel)] if self.kind == "conv2d" else entry
 
 
-#: Every distinct layer geometry read from a spec (a few hundred at most).
+#: Every distinct layer geometry (a few hundred at most), and the same by a spec entry's fields.
 _LAYERS: dict[Layer, Layer] = {}
+_SPEC_LAYERS: dict[tuple[str, int, int, tuple], Layer] = {}
 
 
 def block_of(path: str) -> str:
@@ -64,6 +70,23 @@ def block_of(path: str) -> str:
 
 #: Component, block, layer kind and naming of a module ("" where namings spell its name alike).
 Place = tuple[str, str, str, str]
+
+
+class _Places(dict):
+    """`Component.places`, each entry made on first lookup (a family's tables are large, a file
+    adapts few of its modules)."""
+
+    def __init__(self, component: Component) -> None:
+        super().__init__()
+        self.component = component
+        self.interned: dict[Place, Place] = {}
+
+    def __missing__(self, key: tuple[str, str]) -> Place:
+        component, (path, naming) = self.component, key
+        shown = "" if component.spelled_alike(path, naming) else naming
+        place = (component.name, block_of(path), component.modules[path].kind, shown)
+        self[key] = self.interned.setdefault(place, place)
+        return self[key]
 
 
 @dataclass(frozen=True)
@@ -151,16 +174,14 @@ class Component:
             and not any(path in self.groups for path in table)
         )
 
-    @cached_property
-    def spelled_alike(self) -> frozenset[tuple[str, str]]:
-        """(path, naming) pairs whose name another naming spells the same way (SD3's
-        `context_embedder`): such a name says nothing about which naming a file uses."""
-        spellings: dict[tuple[str, str], list[str]] = {}
-        for naming in self.naming_names():
-            for path in self.named_paths(naming):
-                spellings.setdefault((path, self.name_in(path, naming)), []).append(naming)
-        shared = [((path, n) for n in namings) for (path, _), namings in spellings.items() if namings[1:]]
-        return frozenset(pair for pairs in shared for pair in pairs)
+    def spelled_alike(self, path: str, naming: str) -> bool:
+        """Whether another naming spells this module's name the same way (SD3's `context_embedder`):
+        such a name says nothing about which naming a file uses."""
+        name = self.name_in(path, naming)
+        return any(
+            other != naming and self.nameable(path, other) and self.name_in(path, other) == name
+            for other in self.naming_names()
+        )
 
     @cached_property
     def blocks(self) -> dict[str, str]:
@@ -177,17 +198,10 @@ class Component:
 
     @cached_property
     def places(self) -> dict[tuple[str, str], Place]:
-        """(path, naming) -> what a module's place says about it (component, block, layer kind,
-        naming), one shared tuple per distinct answer: detection counts modules by place."""
-        interned: dict[Place, Place] = {}
-        table = {}
-        for naming in self.naming_names():
-            for path in self.named_paths(naming):
-                place = (self.name, self.blocks[path], self.modules[path].kind, naming)
-                if (path, naming) in self.spelled_alike:
-                    place = (*place[:3], "")  # a name several namings share tells nothing
-                table[path, naming] = interned.setdefault(place, place)
-        return table
+        """(path, naming) -> what a module's place says about it (component, block, layer kind, and
+        the naming, "" where namings spell the name alike), filled as modules are looked up: one
+        shared tuple per distinct answer, as detection counts modules by place."""
+        return _Places(self)
 
     def row_order(self, path: str, naming: str) -> tuple[tuple[int, int], ...] | None:
         return self.row_orders.get(naming, {}).get(path)

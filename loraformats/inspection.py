@@ -12,8 +12,9 @@ import textwrap
 from dataclasses import dataclass
 from math import prod
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from .deferred import DeferredModel
 from .detection import Detection, ModuleGroup, detect_headers
 from .header import Header
 from .plugins import registry
@@ -22,7 +23,7 @@ WIDTH = 80
 MAX_KEY = 48  # metadata keys up to this long share their line with the value
 
 
-class Size(BaseModel):
+class Size(DeferredModel):
     """Where the bytes are: the header, and the tensor data by dtype."""
 
     file_bytes: int | None = Field(None, description="the file (all files of a directory); None for bytes")
@@ -32,7 +33,7 @@ class Size(BaseModel):
     dtypes: dict[str, int] = Field(description="dtype -> bytes of tensor data")
 
 
-class Inspection(BaseModel):
+class Inspection(DeferredModel):
     schema_version: int = 1
     detection: Detection
     size: Size | None = None

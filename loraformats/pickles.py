@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InvalidFileError, LoraFormatsError, UnsupportedError
-from .header import open_regular
+from .header import Header, open_regular, read_header
 
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin"})
 
@@ -81,3 +81,21 @@ def temporaries_removed(headers: Iterable) -> Iterator[None]:
         for header in headers:
             if getattr(header, "temporary", False):
                 header.path.unlink(missing_ok=True)
+
+
+def open_header(path: str | os.PathLike, *, allow_pickle: bool = False) -> Header:
+    """The validated header of `path`; a pickle is refused, or (opted in) re-read as safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        return read_header(path)  # the usual one-line error for a missing path or a directory
+    if not pickled_by_name(path):
+        try:
+            return read_header(path)
+        except InvalidFileError:
+            if not pickled_by_content(path):
+                raise
+    if not allow_pickle:
+        raise refuse(path)
+    header = read_header(to_safetensors(path))
+    header.temporary, header.origin = True, path
+    return header

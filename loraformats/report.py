@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from .adapters.base import Exactness
+from .deferred import DeferredModel
 
 
-class Step(BaseModel):
+class Step(DeferredModel):
     """One step of a conversion plan and how faithful it is."""
 
     stage: Literal["read", "drop", "transform", "write"]
@@ -19,14 +20,14 @@ class Step(BaseModel):
     detail: str = ""
 
 
-class ModuleApproximation(BaseModel):
+class ModuleApproximation(DeferredModel):
     """One compressed module: the rank written and its measured relative error."""
 
     rank: int
     relative_error: float = Field(description="‖ΔW − up·down‖_F / ‖ΔW‖_F on the float32 factors written")
 
 
-class Approximation(BaseModel):
+class Approximation(DeferredModel):
     """What a lossy compression did: per module, and over all compressed modules together."""
 
     rank: int | None = Field(None, description="the rank asked for (--rank)")
@@ -37,7 +38,7 @@ class Approximation(BaseModel):
     kept: int = Field(0, description="additive modules already within the asked rank, kept exactly")
 
 
-class ConversionReport(BaseModel):
+class ConversionReport(DeferredModel):
     """The result of `convert` (also printed by `--report json`)."""
 
     schema_version: Literal[1] = 1

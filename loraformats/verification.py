@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import zlib
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from .adapters import Adapter
 from .canonical import AdapterSet
 from .conversion import load
+from .deferred import DeferredModel
 from .errors import UnsupportedError
 from .families import Layer
 from .layout import split_fused
@@ -22,14 +23,14 @@ from .layout import split_fused
 TOLERANCE = {"F64": 1e-12, "F32": 1e-6, "F16": 2e-3, "BF16": 1.6e-2}
 
 
-class ModuleDifference(BaseModel):
+class ModuleDifference(DeferredModel):
     module: str
     relative_error: float
     tolerance: float
     ok: bool
 
 
-class VerifyReport(BaseModel):
+class VerifyReport(DeferredModel):
     schema_version: int = 1
     a: str
     b: str

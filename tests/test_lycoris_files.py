@@ -354,7 +354,7 @@ def reference_changes(path: Path, network: Any) -> dict[str, torch.Tensor]:
 def module_keys(path: Path, family_name: str) -> dict[str, Key]:
     """File key stem -> (component, canonical path), as loraformats resolves the names."""
     from loraformats.assemble import resolve
-    from loraformats.conversion import open_header
+    from loraformats.pickles import open_header
 
     header = open_header(path)
     parsed = registry.formats()["lycoris"].parse(header)

@@ -15,6 +15,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from loraformats.canonical import AdapterSet
+from loraformats.deferred import DeferredModel
 from loraformats.errors import UnsupportedError
 from loraformats.families import CANONICAL, Component, ComponentHint, Family
 from loraformats.formats import Evidence, ParsedFile, ParsedModule
@@ -36,7 +37,7 @@ SUFFIXES = (
 )
 
 
-class ComfyUIOptions(BaseModel):
+class ComfyUIOptions(DeferredModel):
     """ComfyUI files take no options: names follow the model's original checkpoint."""
 
     model_config = ConfigDict(extra="forbid")

@@ -12,6 +12,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraformats.canonical import AdapterSet
+from loraformats.deferred import DeferredModel
 from loraformats.formats import Encoded, Evidence
 from loraformats.header import Header
 from loraformats_diffusers.format import DiffusersFormat, DiffusersOptions
@@ -38,7 +39,7 @@ class AiToolkitOptions(DiffusersOptions):
     )
 
 
-class AiToolkitMetadata(BaseModel):
+class AiToolkitMetadata(DeferredModel):
     software: str | None = Field(
         None, description='JSON: {"name": "ai-toolkit", "repo": ..., "version": ...}'
     )

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
+from loraformats.deferred import DeferredModel
 from loraformats.errors import InvalidFileError, UnsupportedError
 from loraformats.exponent import scale_tensor_f32, shift_tensor
 from loraformats.families import CANONICAL, Component, ComponentHint
@@ -74,7 +75,7 @@ def _hint(component: str | None) -> ComponentHint:
 UNLOADABLE = {"T5EncoderModel": "diffusers' LoRA loaders cannot load T5 text-encoder LoRAs"}
 
 
-class DiffusersOptions(BaseModel):
+class DiffusersOptions(DeferredModel):
     """Options for writing diffusers files."""
 
     model_config = ConfigDict(extra="forbid")
@@ -86,7 +87,7 @@ class DiffusersOptions(BaseModel):
     )
 
 
-class DiffusersMetadata(BaseModel):
+class DiffusersMetadata(DeferredModel):
     """Header entries of a diffusers LoRA file."""
 
     format: str | None = Field(None, description="'pt', written by diffusers")

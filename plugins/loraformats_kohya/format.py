@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet
+from loraformats.deferred import DeferredModel
 from loraformats.errors import UnsupportedError, UsageError
 from loraformats.families import Component, ComponentHint, Family, Layer
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule
@@ -69,7 +70,7 @@ def _hint(prefix: str, slot: str) -> ComponentHint:
     return ComponentHint(role="text_encoder", slot=int(slot) if slot else None)
 
 
-class KohyaMetadata(BaseModel):
+class KohyaMetadata(DeferredModel):
     """The sd-scripts header entries loraformats reads or updates (all values are strings)."""
 
     model_config = ConfigDict(extra="allow")
@@ -83,7 +84,7 @@ class KohyaMetadata(BaseModel):
     sshs_legacy_hash: str | None = Field(None, description="AUTOMATIC1111 legacy hash (recomputed)")
 
 
-class KohyaOptions(BaseModel):
+class KohyaOptions(DeferredModel):
     """Options for writing Kohya files."""
 
     model_config = ConfigDict(extra="forbid")

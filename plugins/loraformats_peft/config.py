@@ -11,12 +11,15 @@ import functools
 import re
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import regex
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from loraformats.deferred import DeferredModel
 from loraformats.errors import InvalidFileError, UnsupportedError
+
+if TYPE_CHECKING:
+    import regex
 
 #: `init_lora_weights` values that rewrite the base weights at initialisation: the saved adapter is
 #: then a delta against a modified base, not against the model users load.
@@ -51,7 +54,7 @@ OTHER_TUNERS = {
 }
 
 
-class LoraConfigFields(BaseModel):
+class LoraConfigFields(DeferredModel):
     """The `LoraConfig` fields that change the maths (others are kept but do not matter here)."""
 
     model_config = ConfigDict(extra="allow")
@@ -90,7 +93,7 @@ class LoraConfigFields(BaseModel):
         return None
 
 
-class LycorisConfigFields(BaseModel):
+class LycorisConfigFields(DeferredModel):
     """The `LoHaConfig` / `LoKrConfig` fields (PEFT's `LycorisConfig`) that change the maths.
 
     Scale = alpha / r per module (patterns as in LoraConfig); no rsLoRA, no DoRA. PEFT rebuilds every
@@ -135,6 +138,8 @@ MATCH_TIMEOUT = 0.05
 
 @functools.lru_cache(maxsize=4096)
 def _pattern(key: str) -> regex.Pattern:
+    import regex  # the `regex` module, for its match timeout; imported when a config has patterns
+
     try:
         return regex.compile(rf"(.*\.)?({key})$")
     except (regex.error, RecursionError, OverflowError) as error:

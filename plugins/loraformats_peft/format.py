@@ -158,7 +158,7 @@ class PeftFormat(Format):
         return ParsedFile(list(grouped.values()), unsupported)
 
     def parts(self, path: Path, context: ReadContext) -> list[tuple[Header, ParsedFile]]:
-        from loraformats.conversion import open_header
+        from loraformats.pickles import open_header
 
         known = {name for family in context.families.values() for name in family.components}
         found = []
