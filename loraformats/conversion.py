@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -245,20 +244,34 @@ def _drop_step(dropped: list[str]) -> Step:
     )
 
 
-def _start_value_scan(adapters: AdapterSet) -> Future[dict[str, int]]:
-    """`scan_nonfinite` in a background thread (its result or error arrives through the future)."""
-    from .validation import scan_nonfinite
+class _ValueScan(threading.Thread):
+    """`scan_nonfinite` in a background thread; `result` waits for it and re-raises its error."""
 
-    future: Future[dict[str, int]] = Future()
+    def __init__(self, adapters: AdapterSet) -> None:
+        super().__init__(name="loraformats-value-scan", daemon=True)
+        self.adapters = adapters
+        self.counts: dict[str, int] = {}
+        self.error: BaseException | None = None
 
-    def run() -> None:
+    def run(self) -> None:
+        from .validation import scan_nonfinite
+
         try:
-            future.set_result(scan_nonfinite(adapters))
+            self.counts = scan_nonfinite(self.adapters)
         except BaseException as error:  # handed to the caller at settle time
-            future.set_exception(error)
+            self.error = error
 
-    threading.Thread(target=run, name="loraformats-value-scan", daemon=True).start()
-    return future
+    def result(self) -> dict[str, int]:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.counts
+
+
+def _start_value_scan(adapters: AdapterSet) -> _ValueScan:
+    scan = _ValueScan(adapters)
+    scan.start()
+    return scan
 
 
 def _check_values(bad: dict[str, int], source: Path, strict: bool, warnings: list[str]) -> None:
