@@ -168,7 +168,7 @@ class Format:
         """Build the canonical form. The default resolves `parse` against the families."""
         from .assemble import assemble
 
-        return assemble(self, header, self.parse(header), context)
+        return assemble(self, header, self.parsed(header), context)
 
     def module_extras(
         self, header: Header, component: Component, path: str, roles: dict[str, TensorData]

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
 from loraformats.deferred import DeferredModel
-from loraformats.errors import InvalidFileError, UnsupportedError
+from loraformats.errors import InvalidFileError, LoraFormatsError, UnsupportedError
 from loraformats.exponent import scale_tensor_f32, shift_tensor
 from loraformats.families import CANONICAL, Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule, ReadContext
@@ -144,8 +144,16 @@ class DiffusersFormat(Format):
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
-        ours = [n for n in names if self._split(n) or (COMPONENT.match(n) and not_yet(n, ""))]
-        prefixed = sum(1 for n in ours if COMPONENT.match(n))
+        try:  # a parse without leftovers means every name is ours (and detection reuses the parse)
+            parsed = self.parsed(header)
+        except LoraFormatsError:
+            parsed = None
+        if parsed is not None and not parsed.unsupported:
+            ours = names
+            prefixed = sum(len(m.tensors) for m in parsed.modules if m.hint.name is not None)
+        else:
+            ours = [n for n in names if self._split(n) or (COMPONENT.match(n) and not_yet(n, ""))]
+            prefixed = sum(1 for n in ours if COMPONENT.match(n))
         evidence = Evidence(len(ours) / len(names))
         if ours:
             evidence.reasons.append(
