@@ -141,9 +141,13 @@ def convert(
             detail=f"family {adapters.family.name}",
         )
         steps = [read, *adapters.provenance.steps]
+        unadapted = [name for name in drop if name not in adapters.components_used()]
         dropped = _drop_components(adapters, target, drop)
         if dropped:
             steps.append(_drop_step(dropped))
+        warnings += [
+            f"--drop-component {name}: the file adapts no module of it; nothing dropped" for name in unadapted
+        ]
         # The NaN/Inf scan reads every tensor; it runs beside planning and writing (pread and numpy
         # release the GIL) and settles before the output is committed.
         scan = _start_value_scan(adapters) if check_values else None

@@ -729,6 +729,19 @@ def test_t5_modules_need_drop_component_for_diffusers(tmp_path, capsys):
     assert_same_changes(expected, changes)  # T5 (snapshotted too) unchanged
 
 
+def test_dropping_a_component_the_file_does_not_adapt_says_so(tmp_path):
+    """`--drop-component` of a component with no module in the file drops nothing, and says so."""
+    source, output = tmp_path / "kohya.safetensors", tmp_path / "diffusers.safetensors"
+    make_original(source, "tiny-flux", components=("transformer",), seed=13)
+    report = loraformats.convert(source, "diffusers", output, family="tiny-flux", drop=["text_encoder"])
+    assert report.dropped == [] and not any(step.stage == "drop" for step in report.steps)
+    assert (
+        "--drop-component text_encoder: the file adapts no module of it; nothing dropped" in report.warnings
+    )
+    loraformats.convert(source, "diffusers", tmp_path / "plain.safetensors", family="tiny-flux")
+    assert set(load_file(str(output))) == set(load_file(str(tmp_path / "plain.safetensors")))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kohya_flux_converted_to_ai_toolkit_changes_every_module_as_the_source(tmp_path, dtype):
     """ai-toolkit output (diffusers names, scales folded, `software` metadata) loads in diffusers and
