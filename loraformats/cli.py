@@ -153,7 +153,7 @@ def _convert(args: argparse.Namespace) -> int:
     )
     for step in report.steps:
         print(
-            f"  {step.stage:<9} {step.name:<32} {step.exactness.value:<9} {step.modules:>5} modules"
+            f"  {step.stage:<9} {step.name:<32} {step.exactness.value:<11} {step.modules:>5} modules"
             f"  {step.detail}"
         )
     print(f"  overall: {report.exactness.value}")
