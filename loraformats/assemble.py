@@ -10,7 +10,6 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import NamedTuple
 
 from .adapters import ALGORITHMS, Adapter, Exactness
@@ -135,31 +134,23 @@ class Geometries:
     verdicts: dict[tuple[int, int], str | None] = field(default_factory=dict)
 
 
-_MATCH = partial(tuple.__new__, Match)  # without NamedTuple's Python-level __new__: one per module
-
-
 def _resolve(
     modules: list[ParsedModule], signatures: list[int], space: Geometries, family: Family, census: bool = True
 ) -> Resolution:
     result = Resolution(family)
     verdicts, shapes, geometries = space.verdicts, space.shapes, space.geometries
-    candidates_of: dict[tuple[int, bool], list[tuple[Component, Callable, Callable]]] = {}
+    candidates_of: dict[tuple[int, bool], list[tuple[Component, Callable]]] = {}
     for module, signature in zip(modules, signatures, strict=True):
         flat = module.flat
         candidates = candidates_of.get((id(module.hint), flat))
         if candidates is None:
             candidates = candidates_of[(id(module.hint), flat)] = [
-                (
-                    c,
-                    (c.flat_index if flat else c.dotted_index).get,
-                    c.resolve_flat if flat else c.resolve_dotted,
-                )
-                for c in family.find_components(module.hint)
+                (c, c.resolve_flat if flat else c.resolve_dotted) for c in family.find_components(module.hint)
             ]
         found, problem, layer = None, None, None
-        for component, known, lookup in candidates:
+        for component, lookup in candidates:
             for name in module.names:
-                hit = known(name) or lookup(name)  # the exact name, else the lookup's tolerated quirks
+                hit = lookup(name)
                 if hit is None:
                     continue
                 layer = component.modules[hit[0]]
@@ -169,7 +160,7 @@ def _resolve(
                     algorithm = ALGORITHMS[module.algorithm]
                     problem = verdicts[key] = algorithm.shape_problem(shapes[signature], layer)
                 if problem is None:
-                    found = _MATCH((module, component, *hit))
+                    found = Match(module, component, *hit)
                     if census:  # a probe's census would go unused
                         result.census.append((component.places[hit], geometries[signature]))
                     break

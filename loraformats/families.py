@@ -85,8 +85,8 @@ class _Places(dict):
         component, (path, naming) = self.component, key
         shown = "" if component.spelled_alike(path, naming) else naming
         place = (component.name, block_of(path), component.modules[path].kind, shown)
-        self[key] = self.interned.setdefault(place, place)
-        return self[key]
+        place = self[key] = self.interned.setdefault(place, place)
+        return place
 
 
 @dataclass(frozen=True)
