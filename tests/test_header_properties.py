@@ -249,3 +249,45 @@ def test_mutation_seeds_are_valid(seeds, scratch):
         path.write_bytes(content)
         assert loraformats.detect(path).family == "sd1"
         os.remove(path)
+
+
+# ------------------------------------------------------------------------------ the batch checks
+
+near_entries = st.builds(
+    lambda dtype, shape, start, slack, flip: {
+        "dtype": dtype,
+        "shape": [True if flip and i == 0 else d for i, d in enumerate(shape)],
+        "data_offsets": [start, start + math.prod(shape) * DTYPE_SIZES.get(dtype, 1) + slack],
+    },
+    st.sampled_from([*DTYPE_SIZES, "F13"]),
+    st.lists(st.integers(min_value=-1, max_value=4), max_size=3),
+    st.integers(min_value=-1, max_value=64),
+    st.sampled_from([0, 0, 0, 1, -1]),
+    st.booleans(),
+)
+
+
+@SETTINGS
+@given(doc=st.dictionaries(st.text(max_size=6), near_entries | entries | json_values, max_size=6))
+def test_the_batch_entry_check_accepts_only_what_the_entry_by_entry_check_accepts(doc):
+    """`parse_header` checks all entries at once and falls back to one entry at a time to name a
+    culprit: whatever the batch accepts, the careful check accepts with the same result."""
+    from loraformats.header import _tensor_info, _tensor_infos
+
+    batch = _tensor_infos(doc)
+    if batch is not None:
+        assert batch == {name: _tensor_info(name, entry) for name, entry in doc.items()}
+        assert all(type(v) is int for info in batch.values() for v in (*info.shape, info.start, info.end))
+
+
+@SETTINGS
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 8)), max_size=6),
+    data_size=st.none() | st.integers(0, 64),
+)
+def test_the_tiling_shortcut_never_accepts_a_layout_the_full_check_refuses(spans, data_size):
+    from loraformats.header import TensorInfo, _check_layout, _tiles
+
+    tensors = {f"t{i}": TensorInfo("U8", (n,), start, start + n) for i, (start, n) in enumerate(spans)}
+    if _tiles(tensors, data_size):
+        _check_layout(tensors, data_size)  # raises if the shortcut was wrong
