@@ -174,7 +174,12 @@ def score_families(
         if shown:
             ruled_out.append(f"not {name}: {shown}")
         elif resolution.unknown:
-            ruled_out.append(f"not {name}: {len(resolution.unknown)} {modules[:-1]} names it does not have")
+            unknown = (
+                f"{len(resolution.unknown)} of {total} sampled"
+                if resolution.sampled
+                else len(resolution.unknown)
+            )
+            ruled_out.append(f"not {name}: {unknown} module names it does not have")
     if winner is not None:
         candidates[winner.family.name].reasons += ruled_out
     result.families = sorted(candidates.values(), key=lambda c: -c.score)
