@@ -24,12 +24,13 @@ Signature = tuple[str, str, int | None, str, str, str, str]
 def signatures(census: Iterable[tuple[Place, tuple]]) -> Counter[Signature]:
     """How many modules share each (component, block, rank, dtype, algorithm, layer kind, naming),
     from a resolution's census. The rank is the down factor's first dimension; the dtype is the up
-    factor's (what `Adapter.dtype` reports), else the first tensor's; alpha tensors do not count."""
+    factor's (what `Adapter.dtype` reports), else the first factor's: alpha tensors do not count."""
     counts: Counter[Signature] = Counter()
     for ((component, block, kind, naming), geometry), count in Counter(census).items():
         algorithm, roles, dtypes, shapes = geometry[0], geometry[1::3], geometry[2::3], geometry[3::3]
         rank = shapes[roles.index("down")][0] if "down" in roles else None
-        dtype = dtypes[roles.index("up")] if "up" in roles else dtypes[0]
+        factors = [dtype for role, dtype in zip(roles, dtypes, strict=True) if role != "alpha"] or dtypes
+        dtype = dtypes[roles.index("up")] if "up" in roles else factors[0]
         counts[component, block, rank, dtype, algorithm, kind, naming] += count
     return counts
 

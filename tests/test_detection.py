@@ -366,6 +366,23 @@ def test_groups_follow_model_order_with_ranks_per_block():
     assert set(first.ranks) == {"2", "4", "8", "16"} and first.kinds["conv2d"] > 0
 
 
+def test_the_dtype_of_a_module_is_its_factors_not_its_alpha():
+    """A LoHa file whose float32 alphas sort before its float16 factors reports float16."""
+    family = registry.families()["sdxl"]
+    tensors = {}
+    for component, path, layer in family.iter_modules():
+        if component.name == "unet" and layer.kind == "linear" and ".attn2.to_k" in path:
+            stem = "lora_unet_" + component.name_in(path, component.flat_naming).replace(".", "_")
+            tensors[f"{stem}.alpha"] = ["F32", []]
+            for factor, shape in (("w1_a", [layer.out_features, 4]), ("w1_b", [4, layer.in_features])):
+                tensors[f"{stem}.hada_{factor}"] = ["F16", shape]
+                tensors[f"{stem}.hada_{factor.replace('1', '2')}"] = ["F16", shape]
+    result = loraformats.detect(header_bytes({"metadata": {}, "tensors": dict(sorted(tensors.items()))}))
+    assert (result.format, result.family, result.algorithms) == ("lycoris", "sdxl", ["loha"])
+    assert [c.dtypes for c in result.components] == [["F16"]]
+    assert {d for g in result.groups for d in g.dtypes} == {"F16"}
+
+
 def test_a_file_no_format_explains_is_unknown_with_every_candidate():
     result = loraformats.detect(header_bytes({"metadata": {}, "tensors": {"model.weight": ["F32", [4, 4]]}}))
     assert (result.format, result.family, result.confidence) == ("unknown", "unknown", 0.0)
