@@ -8,7 +8,7 @@ family knowledge; they ask a family to resolve the names they find.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -206,13 +206,18 @@ class Component:
     def row_order(self, path: str, naming: str) -> tuple[tuple[int, int], ...] | None:
         return self.row_orders.get(naming, {}).get(path)
 
+    def _spellings(self) -> list[tuple[str, Iterable[tuple[str, str]]]]:
+        """Per naming, in `naming_names` order: (path, name) of every module or group it names."""
+        canonical = [(path, path) for path in self.modules if path not in self.groups]
+        return [(CANONICAL, canonical), *((naming, table.items()) for naming, table in self.namings.items())]
+
     @cached_property
     def dotted_index(self) -> dict[str, tuple[str, str]]:
-        """Dotted name in any naming (and under any path alias) -> (canonical path, naming)."""
+        """Dotted name in any naming (and under any path alias) -> (canonical path, naming); where
+        namings spell a name alike, the first naming wins."""
         index: dict[str, tuple[str, str]] = {}
-        for naming in reversed(self.naming_names()):
-            for path in self.named_paths(naming):
-                name = self.name_in(path, naming)
+        for naming, spellings in reversed(self._spellings()):
+            for path, name in spellings:
                 index[name] = (path, naming)
                 for alias in self.path_aliases:
                     if name.startswith(alias):
@@ -221,17 +226,17 @@ class Component:
 
     @cached_property
     def flat_index(self) -> dict[str, tuple[str, str]]:
-        """Kohya-style flattened name in any naming -> (canonical path, naming)."""
+        """Kohya-style flattened name in any naming -> (canonical path, naming); two modules that
+        flatten alike would make Kohya names ambiguous, and are refused."""
         index: dict[str, tuple[str, str]] = {}
-        for naming in self.naming_names():
-            for path in self.named_paths(naming):
-                flat = self.name_in(path, naming).replace(".", "_")
-                previous = index.get(flat)
-                if previous and previous[0] != path:
+        for naming, spellings in self._spellings():
+            for path, name in spellings:
+                flat = name.replace(".", "_")
+                previous = index.setdefault(flat, (path, naming))
+                if previous[0] != path:
                     raise ValueError(
                         f"{self.name}: {previous[0]!r} and {path!r} flatten to the same {flat!r}"
                     )
-                index.setdefault(flat, (path, naming))
         return index
 
     def resolve_dotted(self, name: str) -> tuple[str, str] | None:
