@@ -29,19 +29,18 @@ def _format(name: str) -> Format:
 
 
 def sniff_format(header: Header) -> Format:
-    """The one format that explains every tensor name of the header (see `detect`)."""
-    from .detection import complete_formats
-
-    complete = complete_formats(header)
+    """The one format that explains every tensor name of the header (see `detect`), else the one that
+    explains most of them (its reader then names what it cannot place)."""
+    evidence = format_choice.sniff_all(header)  # every name was read unless a format explains them all
+    complete = format_choice.complete(header, evidence)[0]
     if len(complete) == 1:
         return complete[0]
     if complete:
         names = ", ".join(f.name for f in complete)
         raise UsageError(f"format is ambiguous ({names}); pass --from", path=header.path)
-    evidence = format_choice.sniff_all(header, exhaustive=True)
     mostly = format_choice.mostly(evidence)
     if mostly is not None:
-        return mostly  # its reader names what it cannot place
+        return mostly
     scored = sorted(((said.score, name) for name, said in evidence.items()), reverse=True)
     best = ", ".join(f"{name} {score:.1%}" for score, name in scored[:3] if score > 0) or "no format matched"
     raise UnsupportedError(f"not a LoRA file in any installed format (best: {best})", path=header.path)
@@ -141,13 +140,9 @@ def convert(
             detail=f"family {adapters.family.name}",
         )
         steps = [read, *adapters.provenance.steps]
-        unadapted = [name for name in drop if name not in adapters.components_used()]
-        dropped = _drop_components(adapters, target, drop)
+        dropped = _drop_components(adapters, target, drop, warnings)
         if dropped:
             steps.append(_drop_step(dropped))
-        warnings += [
-            f"--drop-component {name}: the file adapts no module of it; nothing dropped" for name in unadapted
-        ]
         # The NaN/Inf scan reads every tensor; it runs beside planning and writing (pread and numpy
         # release the GIL) and settles before the output is committed.
         scan = _start_value_scan(adapters) if check_values else None
@@ -213,7 +208,9 @@ def convert(
         adapters.close()
 
 
-def _drop_components(adapters: AdapterSet, target: Format, drop: list[str] | tuple[str, ...]) -> list[str]:
+def _drop_components(
+    adapters: AdapterSet, target: Format, drop: list[str] | tuple[str, ...], warnings: list[str]
+) -> list[str]:
     """Remove the modules of components the user drops, returning every tensor left out
     ("component:path role"); refuse components the target cannot hold."""
     unknown = [name for name in drop if name not in adapters.family.components]
@@ -222,7 +219,13 @@ def _drop_components(adapters: AdapterSet, target: Format, drop: list[str] | tup
         raise UsageError(
             f"--drop-component {unknown[0]}: {adapters.family.name} has no such component ({known})"
         )
-    for name in adapters.components_used():
+    used = adapters.components_used()
+    warnings += [
+        f"--drop-component {n}: the file adapts no module of it; nothing dropped"
+        for n in drop
+        if n not in used
+    ]
+    for name in used:
         why = target.cannot_hold(adapters.component(name))
         if why and name not in drop:
             raise UnsupportedError(

@@ -21,14 +21,14 @@ from .detection_result import SCHEMA_VERSION, Candidate, ComponentSummary, Detec
 from .evidence import ambiguity, claimed_families, describe, report_claims, score_families
 from .families import Family
 from .format_choice import FormatChoice
-from .formats import Format, ParsedFile
+from .formats import ParsedFile
 from .header import Header, parse_header
 from .pickles import open_header, temporaries_removed
 from .plugins import registry
 from .summary import summarise
 
 __all__ = [
-    "SCHEMA_VERSION", "Candidate", "ComponentSummary", "Detection", "ModuleGroup", "complete_formats",
+    "SCHEMA_VERSION", "Candidate", "ComponentSummary", "Detection", "ModuleGroup",
     "detect", "detect_headers", "header_from_bytes",
 ]  # fmt: skip
 
@@ -76,11 +76,6 @@ def header_from_bytes(raw: bytes) -> Header:
         (n,) = struct.unpack("<Q", raw[:8])
         raw = raw[8 : 8 + n]
     return parse_header(raw)
-
-
-def complete_formats(header: Header) -> list[Format]:
-    """Formats whose grammar explains every tensor name; ties broken by which ones fit a family."""
-    return format_choice.complete(header, format_choice.sniff_all(header))[0]
 
 
 def _detect(choice: FormatChoice, where: str, read_alphas: bool) -> Detection:
