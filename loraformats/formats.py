@@ -50,6 +50,31 @@ class ParsedFile:
     #: Tensors the format recognises but cannot read yet, with the reason (the read is refused).
     unsupported: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def by_stem(
+        cls,
+        header: Header,
+        split: Callable[[str], tuple[str, str] | None],
+        hint: ComponentHint,
+        refusal: Callable[[str], str],
+    ) -> ParsedFile:
+        """The parse of a format whose every key is `<dotted module name><factor suffix>` of the
+        component `hint` names: `split` gives (module name, role) or None, and a name it cannot split
+        is unsupported for `refusal(name)`."""
+        grouped: dict[str, ParsedModule] = {}
+        unsupported: dict[str, str] = {}
+        for tensor in header.tensors:
+            split_name = split(tensor)
+            if split_name is None:
+                unsupported[tensor] = refusal(tensor)
+                continue
+            stem, role = split_name
+            module = grouped.get(stem)
+            if module is None:
+                module = grouped[stem] = ParsedModule(stem, hint, (stem,), False, {})
+            module.tensors[role] = tensor
+        return cls(list(grouped.values()), unsupported)
+
 
 @dataclass
 class Encoded:

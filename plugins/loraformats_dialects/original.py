@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from loraformats.families import ComponentHint
-from loraformats.formats import Evidence, Format, ParsedFile, ParsedModule
+from loraformats.formats import Evidence, Format, ParsedFile
 from loraformats.header import Header
 
 ROLES = {"lora_A.weight": "down", "lora_B.weight": "up"}
@@ -57,17 +57,9 @@ class OriginalNamesFormat(Format):
         return self._split(tensor) is not None or self._not_delta(tensor) is not None
 
     def parse(self, header: Header) -> ParsedFile:
-        grouped: dict[str, ParsedModule] = {}
-        unsupported: dict[str, str] = {}
-        for tensor in header.tensors:
-            split = self._split(tensor)
-            if split is None:
-                unsupported[tensor] = self._not_delta(tensor) or f"not a {self.name} LoRA key"
-                continue
-            stem, role = split
-            module = grouped.setdefault(stem, ParsedModule(stem, DENOISER, (stem,), flat=False, tensors={}))
-            module.tensors[role] = tensor
-        return ParsedFile(list(grouped.values()), unsupported)
+        return ParsedFile.by_stem(
+            header, self._split, DENOISER, lambda t: self._not_delta(t) or f"not a {self.name} LoRA key"
+        )
 
 
 class FalKontextFormat(OriginalNamesFormat):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from loraformats.families import ComponentHint
-from loraformats.formats import Evidence, Format, ParsedFile, ParsedModule
+from loraformats.formats import Evidence, Format, ParsedFile
 from loraformats.header import Header
 
 KEY = re.compile(
@@ -34,14 +34,9 @@ class XLabsFormat(Format):
         return self.share_of_names(header, KEY.match, "XLabs processor LoRA keys")
 
     def parse(self, header: Header) -> ParsedFile:
-        grouped: dict[str, ParsedModule] = {}
-        unsupported: dict[str, str] = {}
-        for tensor in header.tensors:
-            found = KEY.match(tensor)
-            if found is None:
-                unsupported[tensor] = "not an XLabs processor LoRA key"
-                continue
-            name = found["name"]
-            module = grouped.setdefault(name, ParsedModule(name, DENOISER, (name,), flat=False, tensors={}))
-            module.tensors[found["role"]] = tensor
-        return ParsedFile(list(grouped.values()), unsupported)
+        return ParsedFile.by_stem(header, _split, DENOISER, lambda _: "not an XLabs processor LoRA key")
+
+
+def _split(tensor: str) -> tuple[str, str] | None:
+    found = KEY.match(tensor)
+    return (found["name"], found["role"]) if found else None
