@@ -79,14 +79,20 @@ def blocks(component, prefix: str) -> int:
     return len({p.split(".")[1] for p in component.modules if p.startswith(prefix)})
 
 
-def test_flux1_tables_match_diffusers_single_file_conversion():
-    family = registry.families()["flux1"]
-    checkpoint, expected = original_checkpoint(family)
-    component = family.components["transformer"]
+def with_qk_norms(checkpoint: dict, component) -> dict:
+    """The checkpoint plus the qk-norm scales of every block, which the converters expect."""
     for i in range(blocks(component, "transformer_blocks.")):
         checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_EXTRAS})
     for i in range(blocks(component, "single_transformer_blocks.")):
         checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_SINGLE_EXTRAS})
+    return checkpoint
+
+
+def test_flux1_tables_match_diffusers_single_file_conversion():
+    family = registry.families()["flux1"]
+    checkpoint, expected = original_checkpoint(family)
+    component = family.components["transformer"]
+    with_qk_norms(checkpoint, component)
     converted = single_file.convert_flux_transformer_checkpoint_to_diffusers(dict(checkpoint))
     for key, tensor in expected.items():
         assert torch.equal(converted[key], tensor), key
@@ -194,10 +200,7 @@ def test_flux2_tables_match_diffusers_single_file_conversion():
     family = registry.families()["flux2"]
     checkpoint, expected = original_checkpoint(family, ("weight",))  # FLUX.2's Linears have no bias
     component = family.components["transformer"]
-    for i in range(blocks(component, "transformer_blocks.")):
-        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_EXTRAS})
-    for i in range(blocks(component, "single_transformer_blocks.")):
-        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_SINGLE_EXTRAS})
+    with_qk_norms(checkpoint, component)
     converted = single_file.convert_flux2_transformer_checkpoint_to_diffusers(dict(checkpoint))
     for key, tensor in expected.items():
         assert torch.equal(converted[key], tensor), key
@@ -225,10 +228,7 @@ def test_chroma_tables_match_diffusers_single_file_conversion():
     family = registry.families()["chroma"]
     checkpoint, expected = original_checkpoint(family)
     component = family.components["transformer"]
-    for i in range(blocks(component, "transformer_blocks.")):
-        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_EXTRAS})
-    for i in range(blocks(component, "single_transformer_blocks.")):
-        checkpoint.update({name.format(i=i): torch.ones(1) for name in FLUX_SINGLE_EXTRAS})
+    with_qk_norms(checkpoint, component)
     for i in range(5):
         checkpoint[f"distilled_guidance_layer.norms.{i}.scale"] = torch.ones(1)
     converted = single_file.convert_chroma_transformer_checkpoint_to_diffusers(dict(checkpoint))

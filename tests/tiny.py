@@ -75,6 +75,21 @@ TINY: dict[str, tuple[dict, list[tuple[dict, bool, str]], str]] = {
 
 
 @functools.cache
+def tiny_vae():
+    """The smallest AutoencoderKL a pipeline accepts (LoRAs never touch it)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+    )
+
+
 def tiny_family(name: str) -> Family:
     unet, encoders, naming = TINY[name]
     return Family.from_spec(family_spec(name, name, "tiny test variant", unet, encoders, naming))
@@ -84,7 +99,6 @@ def build_pipeline(name: str, seed: int = 0) -> Any:
     """A real diffusers pipeline of the tiny family, random weights, fixed seed, no downloads."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -95,15 +109,7 @@ def build_pipeline(name: str, seed: int = 0) -> Any:
     unet_config, encoders, _ = TINY[name]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config)
-    vae = AutoencoderKL(
-        block_out_channels=[8],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        norm_num_groups=8,
-        down_block_types=["DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D"],
-    )
+    vae = tiny_vae()
     text_encoders = [
         (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
         for config, projection, _ in encoders
@@ -197,7 +203,6 @@ def build_dit_pipeline(name: str, seed: int = 0) -> Any:
     """A real FluxPipeline / StableDiffusion3Pipeline of the tiny family, random weights, no downloads."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
@@ -213,15 +218,7 @@ def build_dit_pipeline(name: str, seed: int = 0) -> Any:
     )
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[8],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        norm_num_groups=8,
-        down_block_types=["DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D"],
-    )
+    vae = tiny_vae()
     common = {
         "vae": vae,
         "scheduler": FlowMatchEulerDiscreteScheduler(),
