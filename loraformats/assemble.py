@@ -252,11 +252,13 @@ def spelled_alike(match: Match) -> bool:
 
 
 def _claimed(family: Family, parts: list[Part]) -> bool:
-    """Whether a file's metadata names `family` as its base model (keys the formats declare)."""
+    """Whether a file's metadata names `family` as its base model, as detection reads the claims
+    (each format's `describe`, under its `base_model_keys`)."""
+    from .evidence import describe
     from .plugins import registry
 
-    keys = {key for fmt in registry.formats().values() for key in fmt.base_model_keys}
-    return any(family.claimed_by(h.metadata[k]) for h, _ in parts for k in keys if k in h.metadata)
+    _, claims = describe(list(registry.formats().values()), [header for header, _ in parts])
+    return any(family.claimed_by(claim.value) for claim in claims)
 
 
 def _same_modules(a: Resolution, b: Resolution) -> bool:

@@ -366,6 +366,20 @@ def test_groups_follow_model_order_with_ranks_per_block():
     assert set(first.ranks) == {"2", "4", "8", "16"} and first.kinds["conv2d"] > 0
 
 
+def test_a_file_families_read_alike_converts_as_the_family_its_metadata_names(tmp_path):
+    """SDXL's second text encoder is SD3's too: a LoRA of it alone reads the same in each, so
+    conversion picks the family the metadata names, else the first installed, and says which."""
+    claimed = write(
+        build(Layout("sdxl", "kohya", selection="te2", metadata="sd-scripts")), tmp_path / "a.safetensors"
+    )
+    report = loraformats.convert(claimed, "diffusers", tmp_path / "a.diffusers.safetensors")
+    assert report.family == "sdxl"
+    assert any(w.endswith("read as sdxl (as its metadata says)") for w in report.warnings), report.warnings
+    bare = write(build(Layout("sdxl", "kohya", selection="te2", metadata="none")), tmp_path / "b.safetensors")
+    report = loraformats.convert(bare, "diffusers", tmp_path / "b.diffusers.safetensors")
+    assert any(w.endswith(f"read as {report.family} (the first installed)") for w in report.warnings)
+
+
 def test_the_dtype_of_a_module_is_its_factors_not_its_alpha():
     """A LoHa file whose float32 alphas sort before its float16 factors reports float16."""
     family = registry.families()["sdxl"]
