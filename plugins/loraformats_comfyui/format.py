@@ -9,6 +9,7 @@ ComfyUI's `model_lora_keys_unet` / `model_lora_keys_clip` map them. Factors are 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import ClassVar
 
@@ -112,8 +113,9 @@ def _split(tensor: str) -> tuple[str, ComponentHint, str, str] | None:
 
 
 DENOISER_HINT = ComponentHint(role="denoiser")
-_HINTS: dict[str, ComponentHint] = {}
 
 
+@functools.cache
 def _encoder_hint(encoder: str) -> ComponentHint:
-    return _HINTS.setdefault(encoder, ComponentHint(role="text_encoder", encoder=encoder))
+    """One hint per encoder (not one per key)."""
+    return ComponentHint(role="text_encoder", encoder=encoder)
