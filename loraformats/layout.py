@@ -10,7 +10,7 @@ Tucker LoHa) are first re-expressed as LoRAs by the exact transforms, or refused
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -74,9 +74,9 @@ def lay_out(
             )
         into[slot] = adapter
 
-    queue = list(adapters.modules.items())
+    queue = deque(adapters.modules.items())
     while queue:  # a split group's members may go on into another group (XLabs qkv -> BFL linear1)
-        key, adapter = queue.pop(0)
+        key, adapter = queue.popleft()
         component, (name, path) = adapters.component(key[0]), key
         naming = namings[name]
         fusing = [g for g in component.groups_of.get(path, ()) if component.nameable(g, naming)]
