@@ -72,6 +72,9 @@ class ParsedFile:
             module = grouped.get(stem)
             if module is None:
                 module = grouped[stem] = ParsedModule(stem, hint, (stem,), False, {})
+            if role in module.tensors:  # two spellings of one factor: neither may win silently
+                unsupported[tensor] = f"a second {role} factor for {stem} (after {module.tensors[role]!r})"
+                continue
             module.tensors[role] = tensor
         return cls(list(grouped.values()), unsupported)
 

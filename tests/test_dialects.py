@@ -636,6 +636,15 @@ def hostile_xlabs(tensors: dict) -> None:
     tensors["double_blocks.0.processor.qkv_lora1.up.weight"] = torch.randn(97, 4, generator=generator)
 
 
+def twice_xlabs(tensors: dict) -> None:
+    """One factor spelled with and without the `diffusion_model.` prefix: neither may win silently."""
+    hostile_xlabs(tensors)
+    del tensors["double_blocks.0.processor.qkv_lora1.up.weight"]  # keep only the well-shaped module
+    del tensors["double_blocks.0.processor.qkv_lora1.down.weight"]
+    name = "double_blocks.0.processor.proj_lora1.down.weight"
+    tensors[f"diffusion_model.{name}"] = tensors[name].clone()
+
+
 def hostile_comfyui(tensors: dict) -> None:
     generator = torch.Generator().manual_seed(8)
     lora(
@@ -659,6 +668,7 @@ def hostile_onetrainer(tensors: dict) -> None:
 
 HOSTILE = {
     "xlabs up of the wrong shape": (hostile_xlabs, "xlabs", "double_blocks.0.processor.qkv_lora1"),
+    "xlabs factor given twice": (twice_xlabs, "xlabs", "a second down factor for double_blocks.0"),
     "comfyui unknown encoder": (hostile_comfyui, "comfyui", "text_encoders.nope"),
     "onetrainer unknown module": (hostile_onetrainer, "onetrainer", "lora_transformer_not_a_module"),
 }
