@@ -246,11 +246,6 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
     )
 
 
-def spelled_alike(match: Match) -> bool:
-    """Whether another naming spells this module the same way (SD3's `context_embedder`)."""
-    return match.component.places[match.path, match.naming][3] == ""
-
-
 def _claimed(family: Family, parts: list[Part]) -> bool:
     """Whether a file's metadata names `family` as its base model, as detection reads the claims
     (each format's `describe`, under its `base_model_keys`)."""
@@ -341,7 +336,7 @@ def assemble_parts(
                 raise UnsupportedError(f"{match.module.key}: {refusal.message}", path=where) from None
             reordered += 1
         modules[key], origin[key] = adapter, match.module.key
-        if not spelled_alike(match):  # a name several namings share says nothing about which one
+        if not match.component.spelled_alike(match.path, match.naming):  # says nothing of the naming
             used.setdefault((match.module.flat, match.component.name), Counter())[match.naming] += 1
     namings = {"flat": {}, "dotted": {}}
     for (flat, component), counts in used.items():
