@@ -15,7 +15,7 @@ from loraformats.formats import Evidence, ReadContext
 from loraformats.header import Header
 from loraformats_kohya.format import KohyaFormat, key_grammar
 
-KEY, OWN_KEY = key_grammar("lora_transformer")
+KEY = key_grammar("lora_transformer")
 
 
 class OneTrainerFormat(KohyaFormat):
@@ -27,7 +27,6 @@ class OneTrainerFormat(KohyaFormat):
     )
     writable = False
     key_pattern: ClassVar[re.Pattern[str]] = KEY
-    own_key_pattern: ClassVar[re.Pattern[str]] = OWN_KEY
     owned_metadata: ClassVar[tuple[str, ...]] = ()
     refines: ClassVar[str | None] = "kohya"
 

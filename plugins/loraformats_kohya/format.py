@@ -31,14 +31,13 @@ ROLES = {
 }
 
 
-def key_grammar(denoiser_prefix: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
-    """The key grammar with a denoiser prefix: any suffix, and only the suffixes this format reads."""
-    head = rf"^(?P<prefix>{denoiser_prefix}|lora_te(?P<slot>\d?))_(?P<name>[^.]+)\."
-    roles = "|".join(map(re.escape, ROLES))
-    return re.compile(rf"{head}(?P<suffix>.+)$"), re.compile(rf"{head}(?P<suffix>{roles})$")
+def key_grammar(denoiser_prefix: str) -> re.Pattern[str]:
+    """The key grammar with a denoiser prefix: it or `lora_te[N]`, the flattened module name, a suffix."""
+    prefix = rf"(?P<prefix>{denoiser_prefix}|lora_te(?P<slot>\d?))"
+    return re.compile(rf"^{prefix}_(?P<name>[^.]+)\.(?P<suffix>.+)$")
 
 
-KEY, OWN_KEY = key_grammar("lora_unet")
+KEY = key_grammar("lora_unet")
 
 #: Suffixes of algorithms this format recognises but does not convert yet, with the reason.
 NOT_YET = {
@@ -108,10 +107,8 @@ class KohyaFormat(Format):
     options_schema = KohyaOptions
     owned_metadata: ClassVar[tuple[str, ...]] = ("sshs_model_hash", "sshs_legacy_hash")
     base_model_keys: ClassVar[tuple[str, ...]] = BASE_MODEL_KEYS
-    #: The key grammar: a denoiser or `lora_te[N]` prefix, the flattened module name, a suffix...
+    #: The key grammar (`key_grammar`): a denoiser or `lora_te[N]` prefix, the module name, a suffix.
     key_pattern: ClassVar[re.Pattern[str]] = KEY
-    #: ...and the same with only the suffixes of `ROLES`.
-    own_key_pattern: ClassVar[re.Pattern[str]] = OWN_KEY
 
     def sniff(self, header: Header) -> Evidence:
         """The share of names with Kohya's prefixes. Other suffixes than LoRA/LoCon/DoRA's under those
@@ -120,13 +117,11 @@ class KohyaFormat(Format):
         names = list(header.tensors)
         if not names:
             return Evidence(0.0, against=["the file has no tensors"])
-        # A parse without leftovers means every name is one of ours (and detection reuses the parse);
-        # otherwise C loops count the names with our prefixes and our suffixes
-        if self.parsed(header).unsupported:
-            own = len(list(filter(self.own_key_pattern.match, names)))
-        else:
-            own = len(names)
-        prefixed = names if own == len(names) else list(filter(self.key_pattern.match, names))
+        if not self.parsed(header).unsupported:  # every name is ours (and detection reuses the parse)
+            prefixed, other = names, []
+        else:  # one C loop over the names, then the suffixes of those with our prefixes
+            prefixed = list(filter(self.key_pattern.match, names))
+            other = [name for name in prefixed if name.partition(".")[2] not in ROLES]
         ours = len(prefixed)
         evidence = Evidence(ours / len(names))
         if ours:
@@ -135,7 +130,6 @@ class KohyaFormat(Format):
         if written_as != self.name:  # loraformats wrote these Kohya names as another format's file
             evidence.score = min(evidence.score, 0.99)
             evidence.against.append(f"loraformats wrote it as a {written_as} file (loraformats.format)")
-        other = [name for name in prefixed if name.partition(".")[2] not in ROLES] if own < ours else []
         if other:
             evidence.score = min(evidence.score, 0.99)
             evidence.against.append(
