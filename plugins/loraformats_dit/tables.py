@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from loraformats_sd.tables import SCHEMA, _jsonable, clip_component
+from loraformats_sd.tables import SCHEMA, _jsonable, clip_component, layer_entry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -145,10 +145,8 @@ def linear_table(model: nn.Module) -> dict[str, list]:
     table: dict[str, list] = {}
     for path, module in model.named_modules():
         own = dict(module.named_parameters(recurse=False))
-        if isinstance(module, nn.Linear):
-            table[path] = ["linear", module.in_features, module.out_features]
-        elif isinstance(module, nn.Conv2d):
-            table[path] = ["conv2d", module.in_channels, module.out_channels, list(module.kernel_size)]
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            table[path] = layer_entry(module)
         elif isinstance(module, nn.Embedding) or not own:
             continue
         elif "Norm" in type(module).__name__ and set(own) <= {"weight", "bias"} and own["weight"].dim() == 1:
