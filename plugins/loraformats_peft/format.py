@@ -147,7 +147,9 @@ class PeftFormat(Format):
                 continue
             stem, role = split
             path = stem[len(PREFIX) :]
-            module = grouped.setdefault(stem, ParsedModule(stem, hint, (path,), flat=False, tensors={}))
+            module = grouped.get(stem)
+            if module is None:
+                module = grouped[stem] = ParsedModule(stem, hint, (path,), flat=False, tensors={})
             if role in module.tensors:
                 raise InvalidFileError(f"{stem}: two tensors give its {role} factor", path=header.path)
             module.tensors[role] = tensor
