@@ -13,9 +13,10 @@ from typing import ClassVar
 from loraformats.canonical import AdapterSet
 from loraformats.formats import Evidence, ReadContext
 from loraformats.header import Header
-from loraformats_kohya.format import KohyaFormat, key_grammar
+from loraformats_kohya.format import KohyaFormat, key_grammar, stem_grammar
 
 KEY = key_grammar("lora_transformer")
+STEM = stem_grammar("lora_transformer")
 
 
 class OneTrainerFormat(KohyaFormat):
@@ -27,6 +28,7 @@ class OneTrainerFormat(KohyaFormat):
     )
     writable = False
     key_pattern: ClassVar[re.Pattern[str]] = KEY
+    stem_pattern: ClassVar[re.Pattern[str]] = STEM
     owned_metadata: ClassVar[tuple[str, ...]] = ()
     refines: ClassVar[str | None] = "kohya"
 

@@ -31,13 +31,19 @@ ROLES = {
 }
 
 
+def stem_grammar(denoiser_prefix: str) -> re.Pattern[str]:
+    """A module's key stem (`fullmatch` it): the denoiser prefix or `lora_te[N]`, then the flattened
+    module name; the groups are prefix, slot and name."""
+    return re.compile(rf"(?P<prefix>{denoiser_prefix}|lora_te(?P<slot>\d?))_(?P<name>[^.]+)")
+
+
 def key_grammar(denoiser_prefix: str) -> re.Pattern[str]:
-    """The key grammar with a denoiser prefix: it or `lora_te[N]`, the flattened module name, a suffix."""
-    prefix = rf"(?P<prefix>{denoiser_prefix}|lora_te(?P<slot>\d?))"
-    return re.compile(rf"^{prefix}_(?P<name>[^.]+)\.(?P<suffix>.+)$")
+    """The key grammar with a denoiser prefix: a stem (`stem_grammar`), a dot, a suffix."""
+    return re.compile(rf"^{stem_grammar(denoiser_prefix).pattern}\.(?P<suffix>.+)$")
 
 
 KEY = key_grammar("lora_unet")
+STEM = stem_grammar("lora_unet")
 
 #: Suffixes of algorithms this format recognises but does not convert yet, with the reason.
 NOT_YET = {
@@ -107,8 +113,10 @@ class KohyaFormat(Format):
     options_schema = KohyaOptions
     owned_metadata: ClassVar[tuple[str, ...]] = ("sshs_model_hash", "sshs_legacy_hash")
     base_model_keys: ClassVar[tuple[str, ...]] = BASE_MODEL_KEYS
-    #: The key grammar (`key_grammar`): a denoiser or `lora_te[N]` prefix, the module name, a suffix.
+    #: The key grammar (`key_grammar`): a denoiser or `lora_te[N]` prefix, the module name, a suffix;
+    #: and the stem grammar it starts with (`stem_grammar`), which the parse matches once per module.
     key_pattern: ClassVar[re.Pattern[str]] = KEY
+    stem_pattern: ClassVar[re.Pattern[str]] = STEM
 
     def sniff(self, header: Header) -> Evidence:
         """The share of names with Kohya's prefixes. Other suffixes than LoRA/LoCon/DoRA's under those
@@ -150,14 +158,15 @@ class KohyaFormat(Format):
     def parse(self, header: Header) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}
         unsupported: dict[str, str] = {}
-        module_of, role_of, grammar = grouped.get, ROLES.get, self.key_pattern.match
+        module_of, role_of, stem_grammar = grouped.get, ROLES.get, self.stem_pattern.fullmatch
         for tensor in header.tensors:
-            # Detection parses every key of every file: a module's first key is checked against the
-            # grammar (KEY), its other keys only split (a stem has no dots, so partition is exact).
+            # Detection parses every key of every file: a module's first key has its stem checked
+            # (a stem has no dots, so partition splits exactly where the grammar would), its other
+            # keys are only split.
             stem, _, suffix = tensor.partition(".")
             module, role = module_of(stem), role_of(suffix)
             if module is None or role is None:
-                match = grammar(tensor)
+                match = stem_grammar(stem) if role is not None else self.key_pattern.match(tensor)
                 if match is None:
                     unsupported[tensor] = next(
                         (why for prefix, why in OTHER_KEYS.items() if tensor.startswith(prefix)),
@@ -170,7 +179,7 @@ class KohyaFormat(Format):
                         f"unknown suffix {suffix!r}",
                     )
                     continue
-                prefix, slot, name = match.group("prefix", "slot", "name")
+                prefix, slot, name = match.groups()
                 module = grouped[stem] = ParsedModule(stem, _hint(prefix, slot), (name,), True, {})
             module.tensors[role] = tensor
             if role == "magnitude":
