@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import compress, groupby
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
 
 from .adapters import ALGORITHMS, Adapter, Exactness
 from .canonical import AdapterSet, ModuleKey, Provenance
 from .errors import InvalidFileError, UnsupportedError, UsageError
-from .families import Component, Family, Layer, Place
+from .families import Component, ComponentHint, Family, Layer, Place
 from .formats import Format, ParsedFile, ParsedModule, ReadContext
 from .fusion import inverse, reorder_rows
 from .header import Header
@@ -44,7 +47,10 @@ class Resolution:
     """How one family explains a parsed file."""
 
     family: Family
-    matches: list[Match] = field(default_factory=list)
+    #: The matches in module order, as runs of modules found in one component: (modules, component,
+    #: their (path, naming) hits). `matches` spells them out when asked; detection only counts them.
+    runs: list[tuple[Sequence[ParsedModule], Component, list[tuple[str, str]]]] = field(default_factory=list)
+    matched: int = 0
     unknown: list[str] = field(default_factory=list)
     misfit: list[str] = field(default_factory=list)
     #: module key -> the layer its name resolved to but its shapes did not fit (says which shapes decided).
@@ -52,21 +58,43 @@ class Resolution:
     #: Whether only a sample spread over the file was resolved: enough to rule the family out, so the
     #: counts are the sample's.
     sampled: bool = False
-    #: Per match, its place and its geometry (algorithm, then role, dtype and shape of each tensor):
-    #: what a summary of the file counts, gathered as the modules are placed.
-    census: list[tuple[Place, tuple]] = field(default_factory=list)
+    #: How many matches share each place and geometry (algorithm, then role, dtype and shape of each
+    #: tensor): what a summary of the file counts, gathered as the modules are placed.
+    census: Counter[tuple[Place, tuple]] = field(default_factory=Counter)
+
+    @cached_property
+    def matches(self) -> list[Match]:
+        """Each matched module with its component, path and naming, in module order."""
+        return [
+            Match(m, component, *hit)
+            for run, component, hits in self.runs
+            for m, hit in zip(run, hits, strict=True)
+        ]
+
+    def matches_of(self, keys: Iterable[str]) -> dict[str, Match]:
+        """The matches of the modules with these keys (found without spelling out every match)."""
+        wanted = set(keys)
+        found = {}
+        for run, component, hits in self.runs:
+            for i in compress(range(len(run)), map(wanted.__contains__, map(_KEY, run))):
+                found[run[i].key] = Match(run[i], component, *hits[i])
+        return found
+
+    def add(self, modules: Sequence[ParsedModule], component: Component, hits: list[tuple[str, str]]) -> None:
+        self.runs.append((modules, component, hits))
+        self.matched += len(hits)
 
     @property
     def fits(self) -> bool:
-        return bool(self.matches) and not self.unknown and not self.misfit and not self.sampled
+        return bool(self.matched) and not self.unknown and not self.misfit and not self.sampled
 
     @property
     def modules(self) -> int:
         """How many modules were resolved (the sample's size when `sampled`)."""
-        return len(self.matches) + len(self.unknown) + len(self.misfit)
+        return self.matched + len(self.unknown) + len(self.misfit)
 
     def summary(self) -> str:
-        parts = [f"{len(self.matches)} of {self.modules} {'sampled ' if self.sampled else ''}modules fit"]
+        parts = [f"{self.matched} of {self.modules} {'sampled ' if self.sampled else ''}modules fit"]
         if self.unknown:
             parts.append(f"unknown: {_examples(self.unknown)}")
         if self.misfit:
@@ -137,17 +165,69 @@ class Geometries:
 def _resolve(
     modules: list[ParsedModule], signatures: list[int], space: Geometries, family: Family, census: bool = True
 ) -> Resolution:
+    """Each run of modules sharing a hint is placed at C speed when every module's first name is in
+    the hint's first component with shapes that fit (the common case); any other run goes module by
+    module (`_resolve_each`), which gives the same answer where both apply."""
     result = Resolution(family)
     verdicts, shapes, geometries = space.verdicts, space.shapes, space.geometries
+    counts: Counter[tuple[Place, int]] = Counter()  # the census, by geometry id (cheaper to hash)
     candidates_of: dict[tuple[int, bool], list[tuple[Component, Callable]]] = {}
+    start = 0
+    for (hint, flat), run in groupby(modules, _HINT_KEY):
+        run = list(run)
+        ids = signatures[start : start + len(run)]
+        start += len(run)
+        components = candidates_of.get((id(hint), flat))
+        if components is None:
+            components = candidates_of[id(hint), flat] = _components(family, hint, flat)
+        if components:
+            component = components[0][0]
+            index = component.flat_index if flat else component.dotted_index
+            hits = list(map(index.get, map(_FIRST_NAME, map(_NAMES, run))))
+            if None not in hits:
+                layers = list(map(component.modules.__getitem__, map(_PATH, hits)))
+                keys = list(zip(map(id, layers), ids, strict=True))
+                unseen = set(keys).difference(verdicts)
+                if unseen:  # a verdict per (layer, geometry): files repeat a few of each
+                    layer_of = dict(zip(map(id, layers), layers, strict=True))
+                    for layer_id, signature in unseen:
+                        algorithm = ALGORITHMS[geometries[signature][0]]
+                        verdicts[layer_id, signature] = algorithm.shape_problem(
+                            shapes[signature], layer_of[layer_id]
+                        )
+                if not any(map(verdicts.__getitem__, keys)):
+                    result.add(run, component, hits)
+                    if census:
+                        counts.update(zip(map(component.places.__getitem__, hits), ids, strict=True))
+                    continue
+        _resolve_each(result, run, ids, space, components, counts if census else None)
+    result.census.update({(place, geometries[signature]): n for (place, signature), n in counts.items()})
+    return result
+
+
+_HINT_KEY = attrgetter("hint", "flat")
+_NAMES = attrgetter("names")
+_KEY = attrgetter("key")
+_FIRST_NAME = _PATH = itemgetter(0)
+
+
+def _components(family: Family, hint: ComponentHint, flat: bool) -> list[tuple[Component, Callable]]:
+    """The components a hint may mean, each with its lookup of flat or dotted names."""
+    return [(c, c.resolve_flat if flat else c.resolve_dotted) for c in family.find_components(hint)]
+
+
+def _resolve_each(
+    result: Resolution,
+    modules: list[ParsedModule],
+    signatures: list[int],
+    space: Geometries,
+    candidates: list[tuple[Component, Callable]],
+    counts: Counter | None,
+) -> None:
+    """Place modules one by one: the first candidate component and name whose shapes fit."""
+    verdicts, shapes = space.verdicts, space.shapes
     for module, signature in zip(modules, signatures, strict=True):
-        flat = module.flat
-        candidates = candidates_of.get((id(module.hint), flat))
-        if candidates is None:
-            candidates = candidates_of[(id(module.hint), flat)] = [
-                (c, c.resolve_flat if flat else c.resolve_dotted) for c in family.find_components(module.hint)
-            ]
-        found, problem, layer = None, None, None
+        problem = layer = None
         for component, lookup in candidates:
             for name in module.names:
                 hit = lookup(name)
@@ -160,20 +240,20 @@ def _resolve(
                     algorithm = ALGORITHMS[module.algorithm]
                     problem = verdicts[key] = algorithm.shape_problem(shapes[signature], layer)
                 if problem is None:
-                    found = Match(module, component, *hit)
-                    if census:  # a probe's census would go unused
-                        result.census.append((component.places[hit], geometries[signature]))
                     break
-            if found:
-                break
-        if found:
-            result.matches.append(found)
-        elif problem:
-            result.misfit.append(f"{module.key} ({problem})")
-            result.misfit_layers[module.key] = layer
-        else:
-            result.unknown.append(module.key)
-    return result
+            else:
+                continue
+            break
+        else:  # no candidate component holds a module of that name and shape
+            if problem:
+                result.misfit.append(f"{module.key} ({problem})")
+                result.misfit_layers[module.key] = layer
+            else:
+                result.unknown.append(module.key)
+            continue
+        result.add((module,), component, [hit])
+        if counts is not None:
+            counts[component.places[hit], signature] += 1
 
 
 Part = tuple[Header, ParsedFile]
@@ -195,11 +275,12 @@ def resolve_parts_all(
     for header, parsed in parts:
         resolved = resolve_all(parsed, header, families, exhaustive=exhaustive)
         for total, single in zip(combined, resolved, strict=True):
-            total.matches += single.matches
+            total.runs += single.runs
+            total.matched += single.matched
             total.unknown += single.unknown
             total.misfit += single.misfit
             total.misfit_layers.update(single.misfit_layers)
-            total.census += single.census
+            total.census.update(single.census)
             total.sampled |= single.sampled
     return combined
 
@@ -238,7 +319,7 @@ def choose_family(parts: list[Part], context: ReadContext, where: str | os.PathL
         )
     if not resolutions:
         raise UnsupportedError("no model families are installed", path=where)
-    closest = max(resolutions, key=lambda r: len(r.matches) / (r.modules or 1))
+    closest = max(resolutions, key=lambda r: r.matched / (r.modules or 1))
     closest = resolve_parts(parts, closest.family)  # exact counts for the message
     raise UnsupportedError(
         f"no installed family knows every module; closest is {closest.family.name}: {closest.summary()}",

@@ -152,7 +152,8 @@ def _releases(result: Detection, winner: Resolution) -> None:
     family = winner.family
     if not family.releases:
         return
-    result.releases = family.releases_for({(m.component.name, m.path) for m in winner.matches})
+    adapted = {(component.name, path) for _, component, hits in winner.runs for path, _ in hits}
+    result.releases = family.releases_for(adapted)
     if len(result.releases) > 1:
         result.reasons.append(
             f"release ambiguous: {', '.join(result.releases)} share every module this file adapts; "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .assemble import Match, Resolution
+from .assemble import Resolution
 from .detection_result import Candidate, Detection
 from .families import Family, Layer
 from .formats import Format
@@ -33,16 +33,12 @@ def difference(a: Layer, b: Layer, name_a: str, name_b: str) -> str | None:
     return None
 
 
-def decided_by_shape(
-    winner: Resolution, other: Resolution, fitted: dict[str, Match] | None = None
-) -> str | None:
+def decided_by_shape(winner: Resolution, other: Resolution) -> str | None:
     """The shapes that rule `other` out although it knows the names, e.g. for sd1 against sd2:
-    "...attn2_to_k: input width 768 (sd1) vs 1024 (sd2)". None if names alone decided.
-    `fitted` (module key -> the winner's match) may be passed in when asking about several families."""
+    "...attn2_to_k: input width 768 (sd1) vs 1024 (sd2)". None if names alone decided."""
     if not other.misfit_layers:
         return None
-    if fitted is None:
-        fitted = {match.module.key: match for match in winner.matches}
+    fitted = winner.matches_of(other.misfit_layers)
     best = None
     for key, theirs in other.misfit_layers.items():
         match = fitted.get(key)
@@ -144,15 +140,14 @@ def score_families(
     """Every family's share of modules, what fitted, and which names or shapes ruled the others out
     (returned when one family fits)."""
     winner = fitting[0] if len(fitting) == 1 else None
-    fitted = None  # the winner's matches by module key, built when a misfit needs it
     candidates: dict[str, Candidate] = {}
     ruled_out: list[str] = []
     for name, resolution in resolutions.items():
         total = resolution.modules or 1
         modules = "sampled modules" if resolution.sampled else "modules"
-        candidate = candidates[name] = Candidate(name=name, score=round(len(resolution.matches) / total, 4))
-        if resolution.matches:
-            candidate.reasons.append(f"{len(resolution.matches)} of {total} {modules} fit by name and shape")
+        candidate = candidates[name] = Candidate(name=name, score=round(resolution.matched / total, 4))
+        if resolution.matched:
+            candidate.reasons.append(f"{resolution.matched} of {total} {modules} fit by name and shape")
         if resolution.sampled:
             candidate.against.append(f"ruled out by {total} modules sampled across the file")
         if resolution.unknown:
@@ -165,9 +160,7 @@ def score_families(
                     f"{len(resolution.misfit)} shapes do not fit, e.g. {resolution.misfit[0]}"
                 )
             continue
-        if resolution.misfit_layers and fitted is None:
-            fitted = {m.module.key: m for m in winner.matches}
-        shown = decided_by_shape(winner, resolution, fitted)
+        shown = decided_by_shape(winner, resolution)
         if resolution.misfit:
             example = shown or resolution.misfit[0]
             candidate.against.append(f"{len(resolution.misfit)} shapes do not fit, e.g. {example}")

@@ -8,7 +8,6 @@ module, counted, then folded into groups (no object per tensor).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 
 from .alpha_values import read_alphas_of
 from .assemble import Match, Part, Resolution
@@ -21,12 +20,12 @@ from .header import Header
 Signature = tuple[str, str, int | None, str, str, str, str]
 
 
-def signatures(census: Iterable[tuple[Place, tuple]]) -> Counter[Signature]:
+def signatures(census: Counter[tuple[Place, tuple]]) -> Counter[Signature]:
     """How many modules share each (component, block, rank, dtype, algorithm, layer kind, naming),
     from a resolution's census. The rank is the down factor's first dimension; the dtype is the up
     factor's (what `Adapter.dtype` reports), else the first factor's: alpha tensors do not count."""
     counts: Counter[Signature] = Counter()
-    for ((component, block, kind, naming), geometry), count in Counter(census).items():
+    for ((component, block, kind, naming), geometry), count in census.items():
         algorithm, roles, dtypes, shapes = geometry[0], geometry[1::3], geometry[2::3], geometry[3::3]
         rank = shapes[roles.index("down")][0] if "down" in roles else None
         factors = [dtype for role, dtype in zip(roles, dtypes, strict=True) if role != "alpha"] or dtypes
@@ -47,8 +46,15 @@ def summarise(result: Detection, choice: FormatChoice, winner: Resolution, read_
         group = groups.get((component, block))
         if group is None:
             group = groups[(component, block)] = ModuleGroup.model_construct(  # built from checked values
-                component=component, block=block, modules=0, ranks={}, dtypes=[], algorithms=[], kinds={}
-            )
+                component=component,
+                block=block,
+                modules=0,
+                ranks={},
+                alphas={},
+                dtypes=[],
+                algorithms=[],
+                kinds={},
+            )  # every field given: pydantic inspects a default factory's signature on each call
         summary = components.get(component)
         if summary is None:
             summary = components[component] = ComponentSummary(name=component, modules=0, ranks={}, dtypes=[])
