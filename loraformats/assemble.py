@@ -186,16 +186,16 @@ def _resolve(
             hits = list(map(index.get, map(_FIRST_NAME, map(_NAMES, run))))
             if None not in hits:
                 layers = list(map(component.modules.__getitem__, map(_PATH, hits)))
-                keys = list(zip(map(id, layers), ids, strict=True))
-                unseen = set(keys).difference(verdicts)
-                if unseen:  # a verdict per (layer, geometry): files repeat a few of each
+                pairs = set(zip(map(id, layers), ids, strict=True))  # files repeat a few of each
+                unseen = pairs.difference(verdicts)
+                if unseen:
                     layer_of = dict(zip(map(id, layers), layers, strict=True))
                     for layer_id, signature in unseen:
                         algorithm = ALGORITHMS[geometries[signature][0]]
                         verdicts[layer_id, signature] = algorithm.shape_problem(
                             shapes[signature], layer_of[layer_id]
                         )
-                if not any(map(verdicts.__getitem__, keys)):
+                if not any(map(verdicts.__getitem__, pairs)):
                     result.add(run, component, hits)
                     if census:
                         counts.update(zip(map(component.places.__getitem__, hits), ids, strict=True))

@@ -32,7 +32,7 @@ class Evidence:
     against: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class ParsedModule:
     """One adapted module as the file names it, before family resolution."""
 

@@ -30,7 +30,8 @@ from headers.corpus import (
     write_files,
 )
 from loraformats import format_choice
-from loraformats.assemble import resolve_all
+from loraformats.adapters import ALGORITHMS
+from loraformats.assemble import Resolution, resolve_all
 from loraformats.cli import main
 from loraformats.detection import header_from_bytes
 from loraformats.errors import UsageError
@@ -223,6 +224,44 @@ def assert_sampling_changes_nothing(raw: bytes) -> None:
     full = resolve_all(parsed, header, families, exhaustive=True)
     assert [r.fits for r in quick] == [r.fits for r in full]
     assert all(q.matches == f.matches for q, f in zip(quick, full, strict=True) if f.fits)
+    for family, resolution in zip(families, full, strict=True):
+        assert placed(resolution) == placed_one_by_one(parsed, header, family)
+
+
+def placed(resolution: Resolution) -> tuple:
+    """What a resolution says of each module, and its census."""
+    matches = [(m.module.key, m.component.name, m.path, m.naming) for m in resolution.matches]
+    return matches, resolution.matched, resolution.unknown, resolution.misfit, dict(resolution.census)
+
+
+def placed_one_by_one(parsed, header, family) -> tuple:
+    """The reference the resolver's runs must agree with: each module in turn, the first component
+    its hint allows and the first of its names found there with shapes that fit."""
+    matches, unknown, misfit, census = [], [], [], Counter()
+    for module in parsed.modules:
+        shapes = {role: header.tensors[name].shape for role, name in module.tensors.items()}
+        geometry = [module.algorithm]
+        for role, name in module.tensors.items():
+            geometry += (role, header.tensors[name].dtype, header.tensors[name].shape)
+        problem = None
+        for component in family.find_components(module.hint):
+            lookup = component.resolve_flat if module.flat else component.resolve_dotted
+            hits = [hit for hit in map(lookup, module.names) if hit is not None]
+            for hit in hits:
+                problem = ALGORITHMS[module.algorithm].shape_problem(shapes, component.modules[hit[0]])
+                if problem is None:
+                    matches.append((module.key, component.name, *hit))
+                    census[component.places[hit], tuple(geometry)] += 1
+                    break
+            else:
+                continue
+            break
+        else:
+            if problem:
+                misfit.append(f"{module.key} ({problem})")
+            else:
+                unknown.append(module.key)
+    return matches, len(matches), unknown, misfit, dict(census)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.id for layout in LAYOUTS])
