@@ -135,8 +135,10 @@ def resolve_all(
     for module in parsed.modules:
         geometry = [module.algorithm]
         for role, name in module.tensors.items():
-            info = tensors[name]
-            geometry += (role, info.dtype, info.shape)
+            info = tensors[name]  # (dtype, shape, start, end): subscripts are cheaper than attributes
+            geometry.append(role)
+            geometry.append(info[0])
+            geometry.append(info[1])
         signatures.append(kinds.setdefault(tuple(geometry), len(kinds)))
     space = Geometries(list(kinds), {i: dict(zip(g[1::3], g[3::3], strict=True)) for g, i in kinds.items()})
     modules = parsed.modules
