@@ -56,12 +56,21 @@ def split_lycoris_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+#: SUFFIXES by their last one or two dot-separated parts, so a name is split with dictionary lookups.
+_ROLE_OF_LAST = {suffix[1:]: role for suffix, role in SUFFIXES if suffix.count(".") == 1}
+_ROLE_OF_WEIGHT = {suffix[1:-7]: role for suffix, role in SUFFIXES if suffix.endswith(".weight")}
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """(module stem, role) of a PEFT-style tensor name, or None."""
-    if key.endswith(ENDINGS):  # one string test first: detection splits every name it sees
-        for suffix, role in SUFFIXES:
-            if key.endswith(suffix):
-                return key[: -len(suffix)], role
+    head, dot, last = key.rpartition(".")  # detection splits every name it sees: no suffix loop
+    if last == "weight":
+        stem, dot, factor = head.rpartition(".")
+        role = _ROLE_OF_WEIGHT.get(factor) if dot else None
+    else:
+        stem, role = head, _ROLE_OF_LAST.get(last) if dot else None
+    if role is not None:
+        return stem, role
     named = NAMED.match(key) if ".lora_" in key else None
     if named:
         return named["stem"], "down" if named["factor"] == "A" else "up"
