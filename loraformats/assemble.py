@@ -81,6 +81,7 @@ class Resolution:
         return found
 
     def add(self, modules: Sequence[ParsedModule], component: Component, hits: list[tuple[str, str]]) -> None:
+        """Record modules found in `component` at `hits` (while resolving, before `matches` is read)."""
         self.runs.append((modules, component, hits))
         self.matched += len(hits)
 
@@ -277,8 +278,8 @@ def resolve_parts_all(
     for header, parsed in parts:
         resolved = resolve_all(parsed, header, families, exhaustive=exhaustive)
         for total, single in zip(combined, resolved, strict=True):
-            total.runs += single.runs
-            total.matched += single.matched
+            for run in single.runs:
+                total.add(*run)
             total.unknown += single.unknown
             total.misfit += single.misfit
             total.misfit_layers.update(single.misfit_layers)
