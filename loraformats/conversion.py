@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
 from typing import Any
-
-from pydantic import BaseModel, ValidationError
 
 from . import format_choice
 from .adapters import Exactness
@@ -21,6 +20,7 @@ from .pickles import open_header, temporaries_removed
 from .planning import plan
 from .plugins import registry
 from .report import ConversionReport, Step
+from .schemas import schema_fields
 from .writer import refuse_overwriting_inputs, write_directory, write_safetensors
 
 
@@ -81,18 +81,25 @@ def load(
     return adapters
 
 
-def _options(fmt: Format, options: dict[str, Any] | None) -> BaseModel | None:
-    if fmt.options_schema is None:
+def _options(fmt: Format, options: dict[str, Any] | None) -> Any:
+    """The target's write options: its defaults when none are set (an `Options` dataclass needs no
+    pydantic for that), else the values validated against its schema."""
+    schema = fmt.options_schema
+    if schema is None:
         if options:
             raise UsageError(f"{fmt.name} takes no options (got {', '.join(options)})")
         return None
+    if not options and dataclasses.is_dataclass(schema):
+        return schema()
+    from pydantic import TypeAdapter, ValidationError
+
     try:
-        return fmt.options_schema.model_validate(options or {}, strict=False)
+        return TypeAdapter(schema).validate_python(options or {}, strict=False)
     except ValidationError as error:
         problem = error.errors()[0]
         where = ".".join(str(p) for p in problem["loc"])
-        if problem["type"] == "extra_forbidden":
-            known = ", ".join(fmt.options_schema.model_fields) or "none"
+        if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            known = ", ".join(schema_fields(schema)) or "none"
             raise UsageError(f"{fmt.name} has no option {where!r} (options: {known})") from None
         raise UsageError(f"option {where}: {problem['msg']}") from None
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel
-
 from .families import CANONICAL, Component, ComponentHint
 from .header import Header
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from .canonical import AdapterSet
     from .report import Step
     from .tensors import TensorData
@@ -112,10 +112,12 @@ class Format:
     #: Adapter features (see `Adapter.features`) this format holds natively when writing.
     capabilities: ClassVar[frozenset[str]] = frozenset()
     writable: ClassVar[bool] = True
-    #: The pydantic model of this format's on-disk metadata or config.
+    #: The pydantic model of this format's on-disk metadata or config; name it with
+    #: `loraformats.schemas.on_demand` so that pydantic is imported only when it is read.
     metadata_schema: ClassVar[type[BaseModel] | None] = None
-    #: Options a user may set for writing (`--set key=value`), as a pydantic model.
-    options_schema: ClassVar[type[BaseModel] | None] = None
+    #: Options a user may set for writing (`--set key=value`): a `loraformats.schemas.Options`
+    #: dataclass (a pydantic model works too, at the cost of importing pydantic on every conversion).
+    options_schema: ClassVar[type | None] = None
     #: Metadata keys this format owns (exact keys, or prefixes ending in `*`). Other formats'
     #: writers move owned keys they cannot honour into the `loraformats.stash` entry.
     owned_metadata: ClassVar[tuple[str, ...]] = ()
@@ -212,13 +214,13 @@ class Format:
         Conversion refuses such a component unless the user drops it (`--drop-component`)."""
         return None
 
-    def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
+    def naming(self, adapters: AdapterSet, component: Component, options: Any) -> str:
         """The family naming this format writes `component`'s modules in. The planner splits or
         fuses fused groups and reorders rows so that every module has a name there. Default: the
         canonical (diffusers) naming."""
         return CANONICAL
 
-    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+    def encode(self, adapters: AdapterSet, options: Any) -> Encoded:
         """Render the adapter set as tensors and metadata; report every step taken."""
         raise NotImplementedError
 

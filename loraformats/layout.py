@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from .adapters import Adapter, Exactness
 from .canonical import AdapterSet, ModuleKey
@@ -34,7 +32,7 @@ Reexpress = Callable[[Adapter, Layer, frozenset[str]], "tuple[Adapter, list[Tran
 
 
 def lay_out(
-    adapters: AdapterSet, target: Format, options: BaseModel | None, reexpress: Reexpress
+    adapters: AdapterSet, target: Format, options: Any, reexpress: Reexpress
 ) -> tuple[dict[ModuleKey, Adapter], list[Step]]:
     """The modules keyed by paths the target can name, with the steps that took.
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-
-from pydantic import BaseModel
+from typing import Any
 
 from .adapters import Adapter, Exactness, LoRA
 from .canonical import AdapterSet, ModuleKey
@@ -58,7 +57,7 @@ def plan(
     allow_lossy: bool = False,
     rank: int | None = None,
     max_error: float | None = None,
-    options: BaseModel | None = None,
+    options: Any = None,
 ) -> Plan:
     """Lower every module of `adapters` for `target`: compress first when a rank or error bound is
     asked, then lay the modules out in the target's naming (fused groups), then remove features."""

@@ -1,4 +1,5 @@
-"""Rename-only conversions copy byte ranges and never import torch."""
+"""Rename-only conversions copy byte ranges and never import torch; conversions that set no option
+and print no JSON never import pydantic either (it costs more start-up than the rest)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import textwrap
 from safetensors.torch import load_file, save_file
 
 
-def test_rename_only_conversion_does_not_import_torch(tmp_path):
+def test_rename_only_conversion_does_not_import_torch_or_pydantic(tmp_path):
     source = tmp_path / "scale_one.safetensors"
     tensors = load_file("examples/sd15_tiny_kohya.safetensors")
     for name in [n for n in tensors if n.endswith(".alpha")]:
@@ -22,11 +23,11 @@ def test_rename_only_conversion_does_not_import_torch(tmp_path):
         first = loraformats.convert({str(source)!r}, "diffusers", {diffusers!r})
         back = loraformats.convert({diffusers!r}, "kohya", {kohya!r})
         assert first.exactness.value == back.exactness.value == "identical", (first, back)
-        print("torch" in sys.modules)
+        print("torch" in sys.modules, "pydantic" in sys.modules)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip() == "False False"
     round_trip = load_file(tmp_path / "k.safetensors")
     assert round_trip.keys() == tensors.keys()
     assert all(round_trip[k].dtype == tensors[k].dtype and round_trip[k].equal(tensors[k]) for k in tensors)
@@ -58,7 +59,7 @@ def flux_kohya(path) -> None:
     save_file(tensors, path, metadata={"ss_network_module": "networks.lora_flux"})
 
 
-def test_flux_split_fuse_and_reorder_do_not_import_torch(tmp_path):
+def test_flux_split_fuse_and_reorder_do_not_import_torch_or_pydantic(tmp_path):
     source = tmp_path / "flux.safetensors"
     flux_kohya(source)
     diffusers, kohya, comfy = (str(tmp_path / f"{n}.safetensors") for n in ("d", "k", "c"))
@@ -69,11 +70,11 @@ def test_flux_split_fuse_and_reorder_do_not_import_torch(tmp_path):
         comfy = loraformats.convert({kohya!r}, "comfyui", {comfy!r})
         assert {{r.exactness.value for r in (split, fused, comfy)}} == {{"identical"}}, (split, fused, comfy)
         assert "split" in [s.name for s in split.steps] and "fuse (shared)" in [s.name for s in fused.steps]
-        print("torch" in sys.modules)
+        print("torch" in sys.modules, "pydantic" in sys.modules)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip() == "False False"
     original, back = load_file(source), load_file(kohya)
     assert original.keys() == back.keys()
     assert all(original[k].dtype == back[k].dtype and original[k].equal(back[k]) for k in original)

@@ -10,12 +10,14 @@ from mkdocs.structure.files import File
 
 
 def _schema_rows(schema) -> list[str]:
+    from loraformats.schemas import schema_fields
+
     if schema is None:
         return ["none"]
     rows = []
-    for name, field in schema.model_fields.items():
-        default = "" if field.is_required() else f" (default `{field.default!r}`)"
-        rows.append(f"`{name}`{default}: {field.description or ''}".rstrip(": "))
+    for name, field in schema_fields(schema).items():
+        default = f" (default `{field['default']!r}`)" if "default" in field else ""
+        rows.append(f"`{name}`{default}: {field.get('description', '')}".rstrip(": "))
     return rows or ["none"]
 
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import ClassVar
-
-from pydantic import BaseModel, ConfigDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from loraformats.canonical import AdapterSet
-from loraformats.deferred import DeferredModel
 from loraformats.errors import UnsupportedError
 from loraformats.families import CANONICAL, Component, ComponentHint, Family
 from loraformats.formats import Evidence, ParsedFile, ParsedModule
 from loraformats.header import Header
+from loraformats.schemas import Options
 from loraformats_kohya.format import KohyaFormat
 
 DENOISER = "diffusion_model."
@@ -38,10 +37,9 @@ SUFFIXES = (
 )
 
 
-class ComfyUIOptions(DeferredModel):
+@dataclass(kw_only=True)
+class ComfyUIOptions(Options):
     """ComfyUI files take no options: names follow the model's original checkpoint."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class ComfyUIFormat(KohyaFormat):
@@ -84,7 +82,7 @@ class ComfyUIFormat(KohyaFormat):
                 module.algorithm = "dora"
         return ParsedFile(list(grouped.values()), unsupported)
 
-    def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
+    def naming(self, adapters: AdapterSet, component: Component, options: Any) -> str:
         """The model's original checkpoint naming (text encoders: their checkpoint paths)."""
         return component.native_naming if component.role == "denoiser" else CANONICAL
 

@@ -7,14 +7,13 @@ for powers of two, float32 otherwise). Files are told apart from diffusers' own 
 from __future__ import annotations
 
 import json
-from typing import ClassVar
-
-from pydantic import BaseModel, ConfigDict, Field
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from loraformats.canonical import AdapterSet
-from loraformats.deferred import DeferredModel
 from loraformats.formats import Encoded, Evidence
 from loraformats.header import Header
+from loraformats.schemas import on_demand, option
 from loraformats_diffusers.format import DiffusersFormat, DiffusersOptions
 
 SOFTWARE_KEY = "software"
@@ -29,20 +28,11 @@ def written_by_ai_toolkit(metadata: dict[str, str]) -> bool:
     return isinstance(software, dict) and software.get("name") == "ai-toolkit"
 
 
+@dataclass(kw_only=True)
 class AiToolkitOptions(DiffusersOptions):
     """Options for writing ai-toolkit files."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    fold_alpha: bool = Field(
-        True, description="fold every alpha/rank into the weights (ai-toolkit has no alpha)"
-    )
-
-
-class AiToolkitMetadata(DeferredModel):
-    software: str | None = Field(
-        None, description='JSON: {"name": "ai-toolkit", "repo": ..., "version": ...}'
-    )
+    fold_alpha: bool = option(True, "fold every alpha/rank into the weights (ai-toolkit has no alpha)")
 
 
 class AiToolkitFormat(DiffusersFormat):
@@ -52,7 +42,7 @@ class AiToolkitFormat(DiffusersFormat):
         "ostris/ai-toolkit's files: `transformer.` / `text_encoder.` + diffusers module path + `lora_A` / "
         "`lora_B`, scales folded into the weights, and a `software` metadata entry naming ai-toolkit."
     )
-    metadata_schema = AiToolkitMetadata
+    metadata_schema = on_demand("loraformats_dialects.schemas:AiToolkitMetadata")
     options_schema = AiToolkitOptions
     owned_metadata: ClassVar[tuple[str, ...]] = (SOFTWARE_KEY,)
     refines: ClassVar[str | None] = "diffusers"
@@ -69,7 +59,7 @@ class AiToolkitFormat(DiffusersFormat):
         evidence.reasons.append("its software metadata names ai-toolkit")
         return evidence
 
-    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+    def encode(self, adapters: AdapterSet, options: Any) -> Encoded:
         encoded = super().encode(adapters, options or AiToolkitOptions())
         if not written_by_ai_toolkit(encoded.metadata):
             encoded.metadata[SOFTWARE_KEY] = json.dumps(SOFTWARE)

@@ -17,13 +17,11 @@ import functools
 import json
 import math
 import re
-from typing import Any, ClassVar
-
-from pydantic import BaseModel, ConfigDict, Field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet, ModuleKey
-from loraformats.deferred import DeferredModel
 from loraformats.errors import InvalidFileError, LoraFormatsError, UnsupportedError
 from loraformats.exponent import scale_tensor_f32, shift_tensor
 from loraformats.families import CANONICAL, Component, ComponentHint
@@ -31,8 +29,9 @@ from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedMod
 from loraformats.header import Header
 from loraformats.jsontext import parse_json
 from loraformats.report import Step
+from loraformats.schemas import Options, on_demand, option
 from loraformats.tensors import MemoryTensor, TensorData
-from loraformats_peft.config import LoraConfigFields, build_config, module_settings, peft_name
+from loraformats_peft.config import build_config, module_settings, peft_name
 from loraformats_peft.keys import (
     ALPHAS_KEY,
     alpha_notes,
@@ -43,6 +42,9 @@ from loraformats_peft.keys import (
     restore_alphas,
     split_key,
 )
+
+if TYPE_CHECKING:
+    from loraformats_peft.schemas import LoraConfigFields
 
 METADATA_KEY = "lora_adapter_metadata"
 
@@ -75,24 +77,14 @@ def _hint(component: str | None) -> ComponentHint:
 UNLOADABLE = {"T5EncoderModel": "diffusers' LoRA loaders cannot load T5 text-encoder LoRAs"}
 
 
-class DiffusersOptions(DeferredModel):
+@dataclass(kw_only=True)
+class DiffusersOptions(Options):
     """Options for writing diffusers files."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    fold_alpha: bool = Field(
+    fold_alpha: bool = option(
         False,
-        description="fold every alpha/rank into the weights (float32) even when that is not exact, so apps "
+        "fold every alpha/rank into the weights (float32) even when that is not exact, so apps "
         "that ignore lora_adapter_metadata apply the right strength",
-    )
-
-
-class DiffusersMetadata(DeferredModel):
-    """Header entries of a diffusers LoRA file."""
-
-    format: str | None = Field(None, description="'pt', written by diffusers")
-    lora_adapter_metadata: str | None = Field(
-        None, description="JSON of LoraConfig fields, each prefixed with its component ('unet.r', ...)"
     )
 
 
@@ -106,13 +98,13 @@ class DiffusersFormat(Format):
         "`lora_linear_layer.down` spellings are read too."
     )
     capabilities = frozenset({"lora", "dora", "dora.output"})
-    metadata_schema = DiffusersMetadata
+    metadata_schema = on_demand("loraformats_diffusers.schemas:DiffusersMetadata")
     options_schema = DiffusersOptions
     owned_metadata: ClassVar[tuple[str, ...]] = (METADATA_KEY,)
     #: Whether the consumers read `lora_adapter_metadata` (diffusers does; ai-toolkit's files fold).
     reads_adapter_metadata: ClassVar[bool] = True
 
-    def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
+    def naming(self, adapters: AdapterSet, component: Component, options: Any) -> str:
         """The source's spelling of diffusers-style names (e.g. transformers' runtime names of a text
         encoder), else the canonical one; never an original checkpoint naming (LDM, BFL)."""
         spelling = adapters.provenance.spellings.get(component.name, CANONICAL)
@@ -243,7 +235,7 @@ class DiffusersFormat(Format):
 
     # ---------------------------------------------------------------- writing
 
-    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+    def encode(self, adapters: AdapterSet, options: Any) -> Encoded:
         options = options or DiffusersOptions()
         loras = {key: parts(module, f"{key[0]}:{key[1]}")[0] for key, module in adapters.modules.items()}
         _check_dora_per_component(adapters)
@@ -372,6 +364,8 @@ def configs_of(text: str) -> dict[str, LoraConfigFields]:
         for key, value in flat.items():
             component, _, field = key.partition(".")
             grouped.setdefault(component if field else "", {})[field or component] = value
+        from loraformats_peft.schemas import LoraConfigFields  # pydantic, imported only for a config
+
         configs = {c: LoraConfigFields.model_validate(v) for c, v in grouped.items()}
     except (ValueError, AttributeError) as error:  # bad JSON, a non-object, or a ValidationError
         first = str(error).splitlines()[0]

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from math import prod
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from loraformats.adapters import DoRA, Exactness, LoRA
 from loraformats.canonical import AdapterSet
-from loraformats.deferred import DeferredModel
 from loraformats.errors import UnsupportedError, UsageError
 from loraformats.families import Component, ComponentHint, Family, Layer
 from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedModule
 from loraformats.header import Header
 from loraformats.report import Step
+from loraformats.schemas import Options, on_demand, option
 from loraformats.tensors import MemoryTensor, TensorData
 
 from .describe import BASE_MODEL_KEYS, describe
@@ -78,28 +77,13 @@ def _hint(prefix: str) -> ComponentHint:
 _HINTS: dict[str, ComponentHint] = {}
 
 
-class KohyaMetadata(DeferredModel):
-    """The sd-scripts header entries loraformats reads or updates (all values are strings)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    ss_network_module: str | None = Field(None, description="e.g. networks.lora, lycoris.kohya")
-    ss_network_dim: str | None = Field(None, description="rank at training (informational; shapes win)")
-    ss_network_alpha: str | None = Field(None, description="alpha at training (informational)")
-    ss_network_args: str | None = Field(None, description="JSON of network_args")
-    ss_base_model_version: str | None = Field(None, description="sd_v1, sd_v2, sdxl_base_v1-0, ...")
-    sshs_model_hash: str | None = Field(None, description="SHA-256 of the data section (recomputed)")
-    sshs_legacy_hash: str | None = Field(None, description="AUTOMATIC1111 legacy hash (recomputed)")
-
-
-class KohyaOptions(DeferredModel):
+@dataclass(kw_only=True)
+class KohyaOptions(Options):
     """Options for writing Kohya files."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    naming: str | None = Field(
+    naming: str | None = option(
         None,
-        description="module naming for every component, e.g. 'canonical' (diffusers) or 'ldm' (SGM/LDM); "
+        "module naming for every component, e.g. 'canonical' (diffusers) or 'ldm' (SGM/LDM); "
         "default: the source's naming, else the family's (sd-scripts writes SDXL in ldm naming)",
     )
 
@@ -112,7 +96,7 @@ class KohyaFormat(Format):
         "`lora_down.weight`, `lora_up.weight`, optional Tucker `lora_mid.weight`, and an `alpha` scalar."
     )
     capabilities = frozenset({"lora", "lora.tucker", "dora", "dora.output", "dora.input"})
-    metadata_schema = KohyaMetadata
+    metadata_schema = on_demand("loraformats_kohya.schemas:KohyaMetadata")
     options_schema = KohyaOptions
     owned_metadata: ClassVar[tuple[str, ...]] = ("sshs_model_hash", "sshs_legacy_hash")
     base_model_keys: ClassVar[tuple[str, ...]] = BASE_MODEL_KEYS
@@ -217,7 +201,7 @@ class KohyaFormat(Format):
         alone = len(family.text_encoders()) == 1 and component.slots[:1] in ((), (1,))
         return "lora_te" if alone else f"lora_te{component.slots[0]}"
 
-    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+    def encode(self, adapters: AdapterSet, options: Any) -> Encoded:
         options = options or KohyaOptions()
         tensors: list[tuple[str, TensorData]] = []
         namings: dict[str, str] = {}
@@ -264,7 +248,7 @@ class KohyaFormat(Format):
             )
         return Encoded(tensors, self._metadata(adapters, tensors), steps)
 
-    def naming(self, adapters: AdapterSet, component: Component, options: BaseModel | None) -> str:
+    def naming(self, adapters: AdapterSet, component: Component, options: Any) -> str:
         """The `naming` option, else the source's, else the family's Kohya naming (LDM for SDXL, BFL
         for Flux)."""
         options = options if isinstance(options, KohyaOptions) else KohyaOptions()

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from typing import Any
-
-from pydantic import BaseModel, Field
 
 from loraformats.adapters import Adapter, DoRA, Exactness, GLoRA, LoKr, LoRA
 from loraformats.canonical import AdapterSet
@@ -26,10 +25,10 @@ from loraformats.families import Component, ComponentHint
 from loraformats.formats import Encoded, Evidence, ParsedFile, ParsedModule, ReadContext
 from loraformats.header import Header
 from loraformats.report import Step
+from loraformats.schemas import on_demand, option
 from loraformats.tensors import MemoryTensor, TensorData
 from loraformats_kohya.format import (
     KohyaFormat,
-    KohyaMetadata,
     KohyaOptions,
     dora_scale_tensor,
 )
@@ -69,12 +68,13 @@ def _hint(prefix: str, slot: str) -> ComponentHint:
     return ComponentHint(role="text_encoder", slot=int(slot) if slot else None)
 
 
+@dataclass(kw_only=True)
 class LycorisOptions(KohyaOptions):
     """Options for writing LyCORIS files: Kohya's, plus the denoiser prefix."""
 
-    prefix: str | None = Field(
+    prefix: str | None = option(
         None,
-        description="denoiser prefix: 'lora_unet' (LyCORIS's Kohya network) or 'lycoris' (its standalone "
+        "denoiser prefix: 'lora_unet' (LyCORIS's Kohya network) or 'lycoris' (its standalone "
         "wrapper, e.g. SimpleTuner); default: the source's, else lora_unet",
     )
 
@@ -96,7 +96,7 @@ class LycorisFormat(KohyaFormat):
             "ia3", "full", "full.bias", "norm", "glora", "glora.legacy", "diag-oft", "boft",
         }
     )  # fmt: skip
-    metadata_schema = KohyaMetadata
+    metadata_schema = on_demand("loraformats_kohya.schemas:KohyaMetadata")
     options_schema = LycorisOptions
 
     # ---------------------------------------------------------------- reading
@@ -173,7 +173,7 @@ class LycorisFormat(KohyaFormat):
 
     # ---------------------------------------------------------------- writing
 
-    def encode(self, adapters: AdapterSet, options: BaseModel | None) -> Encoded:
+    def encode(self, adapters: AdapterSet, options: Any) -> Encoded:
         options = options or LycorisOptions()
         tensors: list[tuple[str, TensorData]] = []
         namings: dict[str, str] = {}

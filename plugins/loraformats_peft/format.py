@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from loraformats.adapters import DoRA, Exactness
 from loraformats.canonical import AdapterSet
@@ -24,16 +22,10 @@ from loraformats.formats import Encoded, Evidence, Format, ParsedFile, ParsedMod
 from loraformats.header import Header
 from loraformats.jsontext import parse_json
 from loraformats.report import Step
+from loraformats.schemas import on_demand
 from loraformats.tensors import MemoryTensor, TensorData
 
-from .config import (
-    LoraConfigFields,
-    LycorisConfigFields,
-    build_config,
-    checked,
-    lycoris_settings,
-    module_settings,
-)
+from .config import build_config, checked, lycoris_settings, module_settings
 from .keys import (
     ALPHAS_KEY,
     alpha_notes,
@@ -46,6 +38,9 @@ from .keys import (
     split_lycoris_key,
 )
 from .lycoris import encode_component
+
+if TYPE_CHECKING:
+    from .schemas import LoraConfigFields, LycorisConfigFields
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -78,7 +73,7 @@ class PeftFormat(Format):
     capabilities = frozenset(
         {"lora", "dora", "dora.output", "loha", "loha.tucker", "lokr", "lokr.tucker", "lokr.scaled_full"}
     )
-    metadata_schema = LoraConfigFields
+    metadata_schema = on_demand("loraformats_peft.schemas:LoraConfigFields")
 
     # ---------------------------------------------------------------- finding the parts
 
@@ -121,9 +116,9 @@ class PeftFormat(Format):
             return {where: "not a readable LoraConfig"}
         if config is None:
             return {}
-        alpha_field = "alpha" if isinstance(config, LycorisConfigFields) else "lora_alpha"
+        alpha_field = "alpha" if config.lycoris else "lora_alpha"
         summary = {f"{where}:r": str(config.r), f"{where}:{alpha_field}": f"{getattr(config, alpha_field):g}"}
-        if isinstance(config, LycorisConfigFields):
+        if config.lycoris:
             summary[f"{where}:peft_type"] = config.peft_type
         for flag in ("use_rslora", "use_dora"):
             if getattr(config, flag, False):
@@ -189,7 +184,7 @@ class PeftFormat(Format):
         if config is None:
             return {}  # a bare state dict: no alpha known, so alpha = rank (reported by finish_read)
         lycoris = next((role[:4] for role in roles if role.startswith(("hada_", "lokr_"))), None)
-        if isinstance(config, LycorisConfigFields) or lycoris:
+        if config.lycoris or lycoris:
             return _lycoris_extras(config, component, path, roles, header, lycoris)
         if config.use_dora and "magnitude" not in roles:
             raise UnsupportedError(f"{path}: use_dora without lora_magnitude_vector", path=header.path)
@@ -304,7 +299,7 @@ def _lycoris_extras(
     """alpha (and LoKr's scale rule) of a LoHa/LoKr module from a LoHaConfig/LoKrConfig."""
     expected = {"hada": "LOHA", "lokr": "LOKR"}.get(kind or "")
     stated = getattr(config, "peft_type", None)
-    if not isinstance(config, LycorisConfigFields) or stated != expected:
+    if not config.lycoris or stated != expected:
         found = {"hada": "LoHa", "lokr": "LoKr"}.get(kind or "", "LoRA")
         message = f"{path}: adapter_config.json says {stated}, the tensors are {found}"
         raise InvalidFileError(message, path=header.path)
@@ -345,6 +340,10 @@ def _config_cached(path: str, mtime: float) -> LoraConfigFields | None:
         raise InvalidFileError(f"not a readable JSON config: {first}", path=file) from None
     if not isinstance(raw, dict):
         raise InvalidFileError("config is not a JSON object", path=file)
+    from pydantic import ValidationError
+
+    from .schemas import LoraConfigFields, LycorisConfigFields
+
     model = LycorisConfigFields if raw.get("peft_type") in ("LOHA", "LOKR") else LoraConfigFields
     try:
         config = model.model_validate(raw)
