@@ -1,8 +1,8 @@
 """How format plugins declare their schemas without making every command import pydantic.
 
-- Write options (`Format.options_schema`) are a dataclass deriving from `Options`: a conversion
-  builds one on every run, and the defaults cost nothing; pydantic validates `--set` values against
-  it, and describes it, only when asked.
+- Write options (`Format.options_schema`) subclass `Options`, which makes each subclass a dataclass:
+  a conversion builds one on every run, and the defaults cost nothing; pydantic validates `--set`
+  values against it, and describes it, only when asked.
 - Metadata schemas (`Format.metadata_schema`) are pydantic models, named with `on_demand` so that
   their module (and pydantic) is imported the first time something reads them.
 """
@@ -16,13 +16,16 @@ from typing import Any, ClassVar
 from .document import Document
 
 
-@dataclasses.dataclass(kw_only=True)
 class Options(Document):
-    """Base of a format's write options. Subclasses are dataclasses; give each field a
-    `description` (`option(default, "...")`) for `--help`-style listings and the JSON schema.
-    Unknown options are refused."""
+    """Base of a format's write options. Every subclass becomes a keyword-only dataclass (do not
+    decorate it again: that would drop the descriptions); declare each field with
+    `option(default, "what it does")`. Unknown options are refused."""
 
     __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(kw_only=True)(cls)
 
     @classmethod
     def model_json_schema(cls) -> dict[str, Any]:

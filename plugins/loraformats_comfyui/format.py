@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from loraformats.canonical import AdapterSet
@@ -37,7 +36,6 @@ SUFFIXES = (
 )
 
 
-@dataclass(kw_only=True)
 class ComfyUIOptions(Options):
     """ComfyUI files take no options: names follow the model's original checkpoint."""
 

@@ -7,7 +7,6 @@ for powers of two, float32 otherwise). Files are told apart from diffusers' own 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from loraformats.canonical import AdapterSet
@@ -28,7 +27,6 @@ def written_by_ai_toolkit(metadata: dict[str, str]) -> bool:
     return isinstance(software, dict) and software.get("name") == "ai-toolkit"
 
 
-@dataclass(kw_only=True)
 class AiToolkitOptions(DiffusersOptions):
     """Options for writing ai-toolkit files."""
 

@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from loraformats.adapters import DoRA, Exactness, LoRA
@@ -77,7 +76,6 @@ def _hint(component: str | None) -> ComponentHint:
 UNLOADABLE = {"T5EncoderModel": "diffusers' LoRA loaders cannot load T5 text-encoder LoRAs"}
 
 
-@dataclass(kw_only=True)
 class DiffusersOptions(Options):
     """Options for writing diffusers files."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from math import prod
 from typing import Any, ClassVar
 
@@ -77,7 +76,6 @@ def _hint(prefix: str) -> ComponentHint:
 _HINTS: dict[str, ComponentHint] = {}
 
 
-@dataclass(kw_only=True)
 class KohyaOptions(Options):
     """Options for writing Kohya files."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from loraformats.adapters import Adapter, DoRA, Exactness, GLoRA, LoKr, LoRA
@@ -68,7 +67,6 @@ def _hint(prefix: str, slot: str) -> ComponentHint:
     return ComponentHint(role="text_encoder", slot=int(slot) if slot else None)
 
 
-@dataclass(kw_only=True)
 class LycorisOptions(KohyaOptions):
     """Options for writing LyCORIS files: Kohya's, plus the denoiser prefix."""
 
