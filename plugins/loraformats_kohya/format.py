@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from math import prod
 from typing import Any, ClassVar
@@ -65,15 +66,13 @@ OTHER_KEYS = {
 }
 
 
+@functools.cache
 def _hint(prefix: str) -> ComponentHint:
-    """The component a key prefix names; one object per prefix (`_HINTS`)."""
+    """The component a key prefix names; one object per prefix."""
     if not prefix.startswith("lora_te"):  # lora_unet, or another trainer's denoiser prefix
         return ComponentHint(role="denoiser")
     slot = prefix.removeprefix("lora_te")
     return ComponentHint(role="text_encoder", slot=int(slot) if slot else None)
-
-
-_HINTS: dict[str, ComponentHint] = {}
 
 
 class KohyaOptions(Options):
@@ -143,12 +142,7 @@ class KohyaFormat(Format):
     def parse(self, header: Header) -> ParsedFile:
         grouped: dict[str, ParsedModule] = {}
         unsupported: dict[str, str] = {}
-        module_of, role_of, stem_grammar, hint_of = (
-            grouped.get,
-            ROLES.get,
-            self.stem_pattern.fullmatch,
-            _HINTS.get,
-        )
+        module_of, role_of, stem_grammar = grouped.get, ROLES.get, self.stem_pattern.fullmatch
         for tensor in header.tensors:
             # Detection parses every key of every file: a module's first key has its stem checked
             # (a stem has no dots, so partition splits exactly where the grammar would), its other
@@ -170,8 +164,7 @@ class KohyaFormat(Format):
                     )
                     continue
                 prefix, _, name = match.groups()
-                hint = hint_of(prefix) or _HINTS.setdefault(prefix, _hint(prefix))
-                module = grouped[stem] = ParsedModule(stem, hint, (name,), True, {})
+                module = grouped[stem] = ParsedModule(stem, _hint(prefix), (name,), True, {})
             module.tensors[role] = tensor
             if role == "magnitude":
                 module.algorithm = "dora"
