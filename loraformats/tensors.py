@@ -6,8 +6,11 @@ Renames and reshapes never touch data; a `FileTensor` is copied from its source 
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from math import prod
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 
 _CHUNK = 64 << 20
 _COMPARE = 1 << 16
+#: madvise(MADV_POPULATE_READ), Linux 5.14+ (Python 3.11 does not name it).
+_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 _SCALAR_FORMATS = {
     "F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h",
@@ -65,6 +70,11 @@ class TensorData(ABC):
 
     def write_to(self, fd: int) -> None:
         _write_all(fd, self.read_bytes())
+
+    def file_ranges(self) -> list[tuple[SourceFile, int, int]] | None:
+        """The bytes as (source, offset, length) ranges of input files, in order; None unless the
+        tensor is only such bytes (then the writer gathers them with `writev`)."""
+        return None
 
     def reshaped(self, shape: tuple[int, ...]) -> TensorData:
         """The same bytes under another shape (no copy, byte-identical)."""
@@ -120,6 +130,9 @@ class SourceFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._mapped: memoryview | None = None
+        self._mappable = True
 
     @property
     def fd(self) -> int:
@@ -130,7 +143,35 @@ class SourceFile:
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
+    def mapped(self, offset: int, length: int) -> memoryview | None:
+        """Bytes [offset, offset + length) of a read-only map of the file, paged in (for `writev`,
+        which lets the kernel read them), or None if the file cannot be mapped or is shorter now.
+        Python code must never read the view: a file truncated meanwhile would raise SIGBUS."""
+        if self._mapped is None:
+            if not self._mappable:
+                return None
+            try:
+                self._map = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+            except (OSError, ValueError):  # empty, a FIFO or device, a filesystem without mmap
+                self._mappable = False
+                return None
+            self._mapped = memoryview(self._map)
+        if offset + length > len(self._mapped):
+            return None
+        if _POPULATE is not None and length:  # map the pages now, in one call, not fault by fault
+            start = offset - offset % mmap.PAGESIZE
+            with contextlib.suppress(OSError):  # an older kernel: pages fault in during the write
+                self._map.madvise(_POPULATE, start, offset + length - start)  # type: ignore[union-attr]
+        return self._mapped[offset : offset + length]
+
     def close(self) -> None:
+        if self._mapped is not None:
+            self._mapped.release()  # slices handed out must be gone by now (see `mapped`)
+            self._mapped = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a slice still lives: the map closes with it
+                self._map.close()
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -157,6 +198,9 @@ class FileTensor(TensorData):
                 return
             yield memoryview(buffer)[:got]
             done += got
+
+    def file_ranges(self) -> list[tuple[SourceFile, int, int]]:
+        return [(self.source, self.offset, self.nbytes)]
 
     def write_to(self, fd: int) -> None:
         remaining, offset = self.nbytes, self.offset
@@ -218,6 +262,15 @@ class ConcatRows(TensorData):
     def write_to(self, fd: int) -> None:
         for part in self.parts:
             part.write_to(fd)
+
+    def file_ranges(self) -> list[tuple[SourceFile, int, int]] | None:
+        ranges = []
+        for part in self.parts:
+            more = part.file_ranges()
+            if more is None:
+                return None
+            ranges += more
+        return ranges
 
 
 class Zeros(TensorData):
@@ -284,6 +337,9 @@ class ReshapedTensor(TensorData):
 
     def write_to(self, fd: int) -> None:
         self.base.write_to(fd)
+
+    def file_ranges(self) -> list[tuple[SourceFile, int, int]] | None:
+        return self.base.file_ranges()
 
 
 class MemoryTensor(TensorData):

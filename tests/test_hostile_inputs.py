@@ -32,7 +32,7 @@ from loraformats.cli import main
 from loraformats.errors import InvalidFileError
 from loraformats.header import read_header
 from loraformats.tensors import FileTensor, SourceFile
-from loraformats.validation import count_nonfinite, scan_nonfinite
+from loraformats.validation import _NONFINITE_BITS, count_nonfinite, scan_nonfinite
 from loraformats.writer import write_safetensors
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sd15_tiny_kohya.safetensors"
@@ -341,9 +341,10 @@ def test_directory_output_never_deletes_foreign_files_even_with_force(valid, cap
 
 
 def fail_writes_after(monkeypatch, budget: int, error: BaseException) -> None:
-    """Make every write (os.write, os.copy_file_range) raise `error` once `budget` bytes are written."""
+    """Make every write (os.write, os.writev, os.copy_file_range) raise `error` once `budget` bytes
+    are written."""
     written = 0
-    real_write, real_copy = os.write, os.copy_file_range
+    real_write, real_writev, real_copy = os.write, os.writev, os.copy_file_range
 
     def spend(n: int) -> None:
         nonlocal written
@@ -355,11 +356,16 @@ def fail_writes_after(monkeypatch, budget: int, error: BaseException) -> None:
         spend(len(data))
         return real_write(fd, data)
 
+    def writev(fd: int, buffers) -> int:
+        spend(sum(len(buffer) for buffer in buffers))
+        return real_writev(fd, buffers)
+
     def copy_file_range(src: int, dst: int, count: int, offset_src=None, offset_dst=None) -> int:
         spend(count)
         return real_copy(src, dst, count, offset_src, offset_dst)
 
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
     monkeypatch.setattr(os, "copy_file_range", copy_file_range)
 
 
@@ -422,6 +428,49 @@ def test_input_shrinking_during_the_write_is_detected(valid, tmp_path):
         write_safetensors(output, tensors, {})
     source.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_input_shrinking_after_it_was_mapped_is_detected(valid, tmp_path):
+    """The kernel copies mapped input pages (writev): pages past the new end make a short write or
+    EFAULT, never SIGBUS, and the writer calls it a changed input."""
+    header = read_header(valid)
+    source = SourceFile(valid)
+    tensors = [
+        (name, FileTensor(source, header.data_start + info.start, info.dtype, info.shape))
+        for name, info in header.tensors.items()
+    ]
+    assert source.mapped(header.data_start, 8) is not None  # mapped at its full size
+    os.truncate(valid, header.data_start + 100)
+    output = tmp_path / "out.safetensors"
+    with pytest.raises(InvalidFileError, match="changed while it was being read"):
+        write_safetensors(output, tensors, {})
+    source.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_short_gathered_writes_are_resumed(valid, tmp_path, monkeypatch):
+    """writev may write less than asked, even mid-tensor: the rest follows, byte for byte."""
+    real_writev, calls = os.writev, []
+
+    def writev(fd, buffers):
+        calls.append(len(buffers))
+        first = bytes(buffers[0])
+        return real_writev(fd, [first[: max(1, len(first) // 3)]])
+
+    monkeypatch.setattr(os, "writev", writev)
+    header = read_header(valid)
+    source = SourceFile(valid)
+    tensors = [
+        (name, FileTensor(source, header.data_start + info.start, info.dtype, info.shape))
+        for name, info in header.tensors.items()
+    ]
+    output = tmp_path / "out.safetensors"
+    write_safetensors(output, tensors, {})
+    monkeypatch.undo()
+    source.close()
+    assert len(calls) > len(tensors)
+    written = output.read_bytes()[read_header(output).data_start :]
+    assert written == valid.read_bytes()[header.data_start :]
 
 
 @pytest.fixture
@@ -499,6 +548,31 @@ def test_bit_test_agrees_with_torch_on_every_value(dtype, torch_dtype):
     values = torch.from_numpy(every.view(np.int16 if width == 16 else np.int8)).view(torch_dtype)
     expected = int((~torch.isfinite(values.float())).sum())
     assert count_nonfinite(every.astype(f"<u{width // 8}").tobytes(), dtype) == expected > 0
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F8_E5M2", "F8_E4M3", "F8_E8M0"])
+def test_one_nonfinite_value_among_finite_ones_is_always_found(dtype):
+    """The max-reduction shortcut must never skip a piece that holds a single NaN/Inf, whatever its
+    sign and payload, nor count anything in a piece of every finite value."""
+    view, mask, _ = _NONFINITE_BITS[dtype]
+    every = np.arange(256 ** np.dtype(view).itemsize).astype(view)
+    bad = every[every & mask == mask]
+    finite = every[every & mask != mask]
+    assert count_nonfinite(finite.tobytes(), dtype) == 0
+    for value in bad:
+        piece = finite.copy()
+        piece[len(piece) // 3] = value
+        assert count_nonfinite(piece.tobytes(), dtype) == 1, hex(int(value))
+
+
+@pytest.mark.parametrize(("dtype", "width"), [("F32", 32), ("F64", 64)])
+def test_wide_nonfinite_extremes_are_found_alone(dtype, width):
+    view, mask, sign = _NONFINITE_BITS[dtype]
+    top = (1 << width) - 1
+    finite = np.array([0, sign, mask - 1, (sign | mask) - 1, 1], dtype=view)
+    assert count_nonfinite(finite.tobytes(), dtype) == 0
+    for value in (mask, mask | 1, top ^ sign, sign | mask, top):
+        assert count_nonfinite(np.append(finite, np.array(value, dtype=view)).tobytes(), dtype) == 1
 
 
 def test_wide_floats_and_integers():
