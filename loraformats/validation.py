@@ -11,56 +11,51 @@ import numpy as np
 from .canonical import AdapterSet
 from .errors import InvalidFileError
 
-#: Float dtypes as (unsigned view, mask): a value is NaN or ±Inf when all of its mask bits are set.
-#: Testing bits gives one rule for every float dtype, including those numpy cannot represent
-#: (BF16, FP8). F8_E4M3 is the "fn" variant: no infinities, only S.1111.111 is NaN; F8_E8M0 is
-#: all exponent and 0xFF is its NaN.
-_NONFINITE_BITS: dict[str, tuple[str, int]] = {
-    "F64": ("<u8", 0x7FF0_0000_0000_0000),
-    "F32": ("<u4", 0x7F80_0000),
-    "F16": ("<u2", 0x7C00),
-    "BF16": ("<u2", 0x7F80),
-    "F8_E5M2": ("u1", 0x7C),
-    "F8_E4M3": ("u1", 0x7F),
-    "F8_E8M0": ("u1", 0xFF),
+#: Float dtypes as (unsigned view, exponent mask, sign bit): a value is NaN or ±Inf when all of its
+#: mask bits are set. Testing bits gives one rule for every float dtype, including those numpy
+#: cannot represent (BF16, FP8). F8_E4M3 is the "fn" variant: no infinities, only S.1111.111 is NaN;
+#: F8_E8M0 is all exponent, unsigned, and 0xFF is its NaN.
+_NONFINITE_BITS: dict[str, tuple[str, int, int]] = {
+    "F64": ("<u8", 0x7FF0_0000_0000_0000, 1 << 63),
+    "F32": ("<u4", 0x7F80_0000, 1 << 31),
+    "F16": ("<u2", 0x7C00, 0x8000),
+    "BF16": ("<u2", 0x7F80, 0x8000),
+    "F8_E5M2": ("u1", 0x7C, 0x80),
+    "F8_E4M3": ("u1", 0x7F, 0x80),
+    "F8_E8M0": ("u1", 0xFF, 0),
 }
 
 
-#: Bytes scanned per step: small enough that the buffers stay in cache.
+#: Bytes scanned per step: small enough that a piece stays in cache between its two passes.
 _CHUNK = 1 << 20
 
 
-def count_nonfinite(data: bytes | memoryview, dtype: str, scratch: np.ndarray | None = None) -> int:
+def count_nonfinite(data: bytes | memoryview, dtype: str) -> int:
     """NaN and ±Inf values among little-endian `data` of `dtype`; 0 for integer and bool dtypes.
 
-    Chunked, and counting only where a chunk's masked maximum shows such a value at all: a finite
-    tensor costs one AND and one max per value."""
+    A finite piece costs two max reductions and no temporary: the exponent bits sit just below the
+    sign, so a positive value has them all set exactly when it is at least the mask (read signed),
+    and a negative one when it is at least sign | mask (read unsigned). Only a piece that holds such
+    a value is counted exactly."""
     if dtype not in _NONFINITE_BITS:
         return 0
-    view, mask = _NONFINITE_BITS[dtype]
+    view, mask, sign = _NONFINITE_BITS[dtype]
     bits = np.frombuffer(data, dtype=view)
-    step = _CHUNK // bits.itemsize
-    if scratch is None or scratch.nbytes < min(len(bits), step) * bits.itemsize:
-        scratch = np.empty(min(len(bits), step) * bits.itemsize, dtype=np.uint8)
-    masked = scratch[: min(len(bits), step) * bits.itemsize].view(bits.dtype)
-    total = 0
-    for start in range(0, len(bits), step):
-        chunk = bits[start : start + step]
-        out = masked[: len(chunk)]
-        np.bitwise_and(chunk, bits.dtype.type(mask), out=out)
-        if out.max() == mask:
-            total += int(np.count_nonzero(out == mask))
-    return total
+    if not len(bits):
+        return 0
+    if bits.max() < sign | mask and not (sign and bits.view(view.replace("u", "i")).max() >= mask):
+        return 0
+    return int(np.count_nonzero(bits & bits.dtype.type(mask) == mask))
 
 
 def scan_nonfinite(adapters: AdapterSet) -> dict[str, int]:
     """NaN/Inf counts per module ("component:path"), over all of its tensors (alpha included).
 
     Only modules with at least one such value appear, so an empty dict means the weights are
-    finite. Reads each tensor once; peak memory is about twice the largest tensor.
+    finite. Reads each tensor once, a piece at a time.
     """
     counts: dict[str, int] = {}
-    buffer, scratch = bytearray(_CHUNK), np.empty(_CHUNK, dtype=np.uint8)  # reused: no page faults
+    buffer = bytearray(_CHUNK)  # reused: no page faults
     for (component, path), adapter in adapters.modules.items():
         total = 0
         for role, tensor in adapter.tensors().items():
@@ -68,7 +63,7 @@ def scan_nonfinite(adapters: AdapterSet) -> dict[str, int]:
                 continue
             seen = 0
             for piece in tensor.chunks(buffer):
-                total += count_nonfinite(piece, tensor.dtype, scratch)
+                total += count_nonfinite(piece, tensor.dtype)
                 seen += len(piece)
             if seen != tensor.nbytes:  # the file shrank after its header was validated
                 raise InvalidFileError(
