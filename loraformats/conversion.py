@@ -150,9 +150,10 @@ def convert(
         dropped = _drop_components(adapters, target, drop, warnings)
         if dropped:
             steps.append(_drop_step(dropped))
-        # The NaN/Inf scan reads every tensor; it runs beside planning and writing (pread and numpy
-        # release the GIL) and settles before the output is committed.
-        scan = _start_value_scan(adapters) if check_values else None
+        # The NaN/Inf scan reads every tensor. It starts once the copy does, so that its numpy import
+        # does not take the GIL from planning; the copy and the scan then overlap (copy_file_range, pread
+        # and numpy release the GIL). It settles before the output is committed.
+        scan = _ValueScan(adapters) if check_values else None
 
         def settle() -> None:
             if scan is not None:
@@ -205,7 +206,12 @@ def convert(
         else:
             tensors, metadata = files[""]
             report.bytes_written = write_safetensors(
-                output_path, tensors, metadata, overwrite=force, before_commit=settle
+                output_path,
+                tensors,
+                metadata,
+                overwrite=force,
+                while_copying=scan.start if scan is not None else None,
+                before_commit=settle,
             )
         report.warnings = list(warnings)  # settle may have added the scan's
         return report
@@ -259,7 +265,8 @@ def _drop_step(dropped: list[str]) -> Step:
 
 
 class _ValueScan(threading.Thread):
-    """`scan_nonfinite` in a background thread; `result` waits for it and re-raises its error."""
+    """`scan_nonfinite` in a background thread; `result` waits for it (starting it if nobody did)
+    and re-raises its error."""
 
     def __init__(self, adapters: AdapterSet) -> None:
         super().__init__(name="loraformats-value-scan", daemon=True)
@@ -276,16 +283,12 @@ class _ValueScan(threading.Thread):
             self.error = error
 
     def result(self) -> dict[str, int]:
+        if self.ident is None:  # nothing was copied (a dry run, a directory output): scan now
+            self.start()
         self.join()
         if self.error is not None:
             raise self.error
         return self.counts
-
-
-def _start_value_scan(adapters: AdapterSet) -> _ValueScan:
-    scan = _ValueScan(adapters)
-    scan.start()
-    return scan
 
 
 def _check_values(bad: dict[str, int], source: Path, strict: bool, warnings: list[str]) -> None:
