@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, TypeVar
 
 import pluggy
 
 from . import hookspecs
+from .entrypoints import entry_points
 from .errors import UsageError
 
 ENTRY_POINT_GROUP = "loraformats"
@@ -61,17 +61,14 @@ class Registry:
             self.pm.register(module, name=module_name)
             self.plugins[module_name] = PluginInfo(module_name, module_name, "loraformats", None)
         only, blocked = _names("LORAFORMATS_LOAD_PLUGINS"), _names("LORAFORMATS_BLOCK_PLUGINS") or set()
-        for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        for entry in entry_points(ENTRY_POINT_GROUP):
             if entry.name in blocked or (only is not None and entry.name not in only):
                 continue
             if self.pm.has_plugin(entry.name):
                 continue
             module = entry.load()
             self.pm.register(module, name=entry.name)
-            dist = entry.dist
-            self.plugins[entry.name] = PluginInfo(
-                entry.name, entry.value, dist.name if dist else None, dist.version if dist else None
-            )
+            self.plugins[entry.name] = PluginInfo(entry.name, entry.value, entry.distribution, entry.version)
 
     def register(self, plugin: object, name: str | None = None) -> None:
         """Register a plugin object directly (tests, embedding apps). Clears cached registrations."""
