@@ -114,6 +114,8 @@ def best_route(
     adapter: Adapter, layer: Layer, capabilities: frozenset[str], edges: list[Transform], allow_lossy: bool
 ) -> list[Transform] | None:
     """The best chain of transforms after which the target holds `adapter` ([] if it already does)."""
+    if adapter.features() <= capabilities:  # the common case: nothing to search
+        return []
     best: tuple[tuple[int, int, tuple[int, ...]], list[Transform]] | None = None
     order = {id(edge): i for i, edge in enumerate(edges)}
 

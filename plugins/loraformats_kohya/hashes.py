@@ -7,7 +7,6 @@ safetensors orders tensors by dtype (descending, in its own enum order), then by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -47,6 +46,8 @@ def sshs_hashes(
     tensors: Sequence[tuple[str, TensorData]], metadata: dict[str, str]
 ) -> tuple[str, str | None]:
     """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them; legacy None if unknowable."""
+    import hashlib  # OpenSSL's load costs a few ms that conversions to other formats need not pay
+
     ordered = safetensors_order(tensors)
     ss_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     header_length = _header_length(ordered, ss_metadata)
