@@ -99,6 +99,13 @@ class TensorData(ABC):
             return struct.unpack("<f", b"\x00\x00" + data)[0]
         return float(struct.unpack(_SCALAR_FORMATS[self.dtype], data)[0])
 
+    def read_into(self, buffer: memoryview) -> int:
+        """Put the bytes at the start of `buffer` (reused by callers: no fresh pages per tensor);
+        returns how many there were, fewer only if a source ended early."""
+        data = self.read_bytes()
+        buffer[: len(data)] = data
+        return len(data)
+
     def chunks(self, buffer: bytearray) -> Iterator[memoryview]:
         """The bytes in pieces of at most `len(buffer)`; file tensors read into `buffer`, so a piece
         is valid until the next. A source that ends early yields fewer bytes, never an error."""
@@ -189,6 +196,15 @@ class FileTensor(TensorData):
     def read_bytes(self) -> bytes:
         return os.pread(self.source.fd, self.nbytes, self.offset) if self.nbytes else b""
 
+    def read_into(self, buffer: memoryview) -> int:
+        done = 0
+        while done < self.nbytes:
+            got = os.preadv(self.source.fd, [buffer[done : self.nbytes]], self.offset + done)
+            if got <= 0:
+                break
+            done += got
+        return done
+
     def chunks(self, buffer: bytearray) -> Iterator[memoryview]:
         done = 0
         while done < self.nbytes:
@@ -229,9 +245,14 @@ class FileTensor(TensorData):
             return super().same_bytes(other)
         if other.source is self.source and other.offset == self.offset:
             return True
-        mine, theirs = bytearray(min(_COMPARE, self.nbytes)), bytearray(min(_COMPARE, self.nbytes))
-        # piece by piece: different factors usually differ in their first bytes
-        return all(a == b for a, b in zip(self.chunks(mine), other.chunks(theirs), strict=False))
+        size = min(_COMPARE, self.nbytes)
+        mine, theirs = bytearray(size), bytearray(size)
+        # piece by piece: different factors usually differ in their first bytes. The buffers are
+        # compared, not the pieces: memoryview equality goes item by item, some 50x slower.
+        for a, b in zip(self.chunks(mine), other.chunks(theirs), strict=False):
+            if len(a) != len(b) or (mine != theirs if len(a) == size else a.tobytes() != b.tobytes()):
+                return False
+        return True
 
 
 class RowsTensor(TensorData):
@@ -311,21 +332,24 @@ class BlockDiagonal(TensorData):
             _write_all(fd, rows)
 
     def _row_bands(self) -> Iterator[memoryview]:
-        """The rows of each block in turn: zeros, the block, zeros (bytes, any dtype)."""
+        """The rows of each block in turn: zeros, the block, zeros (bytes, any dtype). One buffer
+        of the tallest band is reused: only the previous block's columns are cleared."""
         import numpy as np
 
         item = DTYPE_SIZES[self.dtype]
         width = self.shape[1] * item
-        tallest = max(block.shape[0] for block in self.blocks)
-        buffer = np.empty((tallest, width), dtype=np.uint8)
+        buffer = np.zeros((max(block.shape[0] for block in self.blocks), width), dtype=np.uint8)
+        scratch = memoryview(bytearray(max(block.nbytes for block in self.blocks)))
         col = 0
         for block in self.blocks:
             rows, cols = block.shape[0], block.shape[1] * item
+            if block.read_into(scratch) != rows * cols:
+                raise ValueError(f"a {block.dtype}{list(block.shape)} block ended early")
             band = buffer[:rows]
-            band.fill(0)
-            band[:, col : col + cols] = np.frombuffer(block.read_bytes(), dtype=np.uint8).reshape(rows, cols)
-            col += cols
+            band[:, col : col + cols] = np.frombuffer(scratch, np.uint8, rows * cols).reshape(rows, cols)
             yield memoryview(band).cast("B")
+            band[:, col : col + cols] = 0
+            col += cols
 
 
 class ReshapedTensor(TensorData):

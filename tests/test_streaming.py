@@ -99,3 +99,69 @@ def test_detect_inspect_formats_and_help_do_not_import_torch(tmp_path):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, (command, done.stderr)
         assert done.stdout.strip() == "False", command
+
+
+def _file_tensors(path, rows: list[tuple[int, int]], seed: int = 0):
+    """bf16-sized blocks written back to back into `path`, as FileTensors (plus their bytes)."""
+    import numpy as np
+
+    from loraformats.tensors import FileTensor, SourceFile
+
+    rng = np.random.default_rng(seed)
+    blobs = [rng.integers(0, 256, r * c * 2, dtype=np.uint8).tobytes() for r, c in rows]
+    path.write_bytes(b"".join(blobs))
+    source, offset, tensors = SourceFile(path), 0, []
+    for (r, c), blob in zip(rows, blobs, strict=True):
+        tensors.append(FileTensor(source, offset, "BF16", (r, c)))
+        offset += len(blob)
+    return source, tensors, blobs
+
+
+def test_block_diagonal_of_file_blocks_matches_numpy(tmp_path):
+    import numpy as np
+
+    from loraformats.tensors import BlockDiagonal
+
+    source, blocks, blobs = _file_tensors(tmp_path / "blocks.bin", [(5, 2), (3, 4), (7, 1)])
+    diagonal = BlockDiagonal(blocks)
+    expected = np.zeros((15, 7 * 2), dtype=np.uint8)
+    row = col = 0
+    for (r, c), blob in zip([(5, 2), (3, 4), (7, 1)], blobs, strict=True):
+        expected[row : row + r, col : col + c * 2] = np.frombuffer(blob, np.uint8).reshape(r, c * 2)
+        row, col = row + r, col + c * 2
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as file:
+        diagonal.write_to(file.fileno())
+    assert out.read_bytes() == diagonal.read_bytes() == expected.tobytes()
+    source.close()
+
+
+def test_block_diagonal_of_a_truncated_source_is_refused(tmp_path):
+    import os
+
+    import pytest
+
+    from loraformats.tensors import BlockDiagonal
+
+    source, blocks, _ = _file_tensors(tmp_path / "blocks.bin", [(4, 2), (4, 2)])
+    os.truncate(tmp_path / "blocks.bin", 20)
+    assert blocks[0].read_into(memoryview(bytearray(64))) == 16
+    with open(tmp_path / "out.bin", "wb") as file, pytest.raises(ValueError, match="ended early"):
+        BlockDiagonal(blocks).write_to(file.fileno())
+    source.close()
+
+
+def test_same_bytes_compares_file_tensors_piece_by_piece(tmp_path):
+    from loraformats.tensors import _COMPARE, FileTensor, SourceFile
+
+    rows = [(300, 128), (300, 128)]
+    source, (a, b), blobs = _file_tensors(tmp_path / "x.bin", rows)
+    assert a.nbytes > _COMPARE and a.nbytes % _COMPARE  # several pieces, the last one partial
+    (tmp_path / "copy.bin").write_bytes(blobs[0])
+    (tmp_path / "last.bin").write_bytes(blobs[0][:-1] + bytes([blobs[0][-1] ^ 1]))  # last byte differs
+    copy, last = SourceFile(tmp_path / "copy.bin"), SourceFile(tmp_path / "last.bin")
+    twin, near = FileTensor(copy, 0, "BF16", (300, 128)), FileTensor(last, 0, "BF16", (300, 128))
+    assert a.same_bytes(a) and a.same_bytes(twin) and twin.same_bytes(a)
+    assert not a.same_bytes(b) and not a.same_bytes(near) and not a.same_bytes(twin.reshaped((128, 300)))
+    for handle in (source, copy, last):
+        handle.close()
