@@ -123,23 +123,30 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, str]:
 
 def _convert(args: argparse.Namespace) -> int:
     from .conversion import convert
+    from .terminal import WriteProgress
 
-    report = convert(
-        args.input,
-        args.to,
-        args.output,
-        source_format=args.source_format,
-        family=args.family,
-        options=_parse_options(args.options),
-        dry_run=args.dry_run,
-        force=args.force,
-        allow_pickle=args.allow_pickle,
-        rank=args.rank,
-        max_error=args.max_error,
-        strict=args.strict,
-        check_values=args.check_values,
-        drop=args.drop,
-    )
+    progress = WriteProgress() if sys.stderr.isatty() else None  # none when piped
+    try:
+        report = convert(
+            args.input,
+            args.to,
+            args.output,
+            source_format=args.source_format,
+            family=args.family,
+            options=_parse_options(args.options),
+            dry_run=args.dry_run,
+            force=args.force,
+            allow_pickle=args.allow_pickle,
+            rank=args.rank,
+            max_error=args.max_error,
+            strict=args.strict,
+            check_values=args.check_values,
+            drop=args.drop,
+            progress=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.close()  # before any other output
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.report == "json":

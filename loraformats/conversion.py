@@ -21,7 +21,7 @@ from .planning import plan
 from .plugins import registry
 from .report import ConversionReport, Step
 from .schemas import schema_fields
-from .writer import refuse_overwriting_inputs, write_directory, write_safetensors
+from .writer import Progress, refuse_overwriting_inputs, write_directory, write_safetensors
 
 
 def _format(name: str) -> Format:
@@ -121,8 +121,12 @@ def convert(
     strict: bool = False,
     check_values: bool = True,
     drop: list[str] | tuple[str, ...] = (),
+    progress: Progress | None = None,
 ) -> ConversionReport:
     """Convert `source` to format `to`. Returns the report; raises a `LoraFormatsError` on refusal.
+
+    `progress(done, total)` is called as tensor bytes are written (about every 64 MiB), for a
+    progress bar.
 
     `rank` / `max_error` ask for the one lossy step, SVD compression to a LoRA (the request itself
     allows it); the error of every module is measured and reported.
@@ -202,7 +206,9 @@ def convert(
             return report
         if target.container == "directory":
             settle()
-            report.bytes_written = write_directory(output_path, files, encoded.documents, overwrite=force)
+            report.bytes_written = write_directory(
+                output_path, files, encoded.documents, overwrite=force, progress=progress
+            )
         else:
             tensors, metadata = files[""]
             report.bytes_written = write_safetensors(
@@ -212,6 +218,7 @@ def convert(
                 overwrite=force,
                 while_copying=scan.start if scan is not None else None,
                 before_commit=settle,
+                progress=progress,
             )
         report.warnings = list(warnings)  # settle may have added the scan's
         return report

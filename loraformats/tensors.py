@@ -71,9 +71,9 @@ class TensorData(ABC):
     def write_to(self, fd: int) -> None:
         _write_all(fd, self.read_bytes())
 
-    def file_ranges(self) -> list[tuple[SourceFile, int, int]] | None:
-        """The bytes as (source, offset, length) ranges of input files, in order; None unless the
-        tensor is only such bytes (then the writer gathers them with `writev`)."""
+    def buffers(self) -> list[memoryview] | None:
+        """The bytes as buffers to hand to `writev` as they are, in order: mapped ranges of input
+        files or bytes already in memory. None if they must be produced (`write_to` then writes)."""
         return None
 
     def reshaped(self, shape: tuple[int, ...]) -> TensorData:
@@ -215,8 +215,9 @@ class FileTensor(TensorData):
             yield memoryview(buffer)[:got]
             done += got
 
-    def file_ranges(self) -> list[tuple[SourceFile, int, int]]:
-        return [(self.source, self.offset, self.nbytes)]
+    def buffers(self) -> list[memoryview] | None:
+        view = self.source.mapped(self.offset, self.nbytes)
+        return None if view is None else [view]
 
     def write_to(self, fd: int) -> None:
         remaining, offset = self.nbytes, self.offset
@@ -284,14 +285,14 @@ class ConcatRows(TensorData):
         for part in self.parts:
             part.write_to(fd)
 
-    def file_ranges(self) -> list[tuple[SourceFile, int, int]] | None:
-        ranges = []
+    def buffers(self) -> list[memoryview] | None:
+        views = []
         for part in self.parts:
-            more = part.file_ranges()
+            more = part.buffers()
             if more is None:
                 return None
-            ranges += more
-        return ranges
+            views += more
+        return views
 
 
 class Zeros(TensorData):
@@ -362,8 +363,8 @@ class ReshapedTensor(TensorData):
     def write_to(self, fd: int) -> None:
         self.base.write_to(fd)
 
-    def file_ranges(self) -> list[tuple[SourceFile, int, int]] | None:
-        return self.base.file_ranges()
+    def buffers(self) -> list[memoryview] | None:
+        return self.base.buffers()
 
 
 class MemoryTensor(TensorData):
@@ -376,6 +377,9 @@ class MemoryTensor(TensorData):
 
     def read_bytes(self) -> bytes:
         return self.data
+
+    def buffers(self) -> list[memoryview]:
+        return [memoryview(self.data)]
 
     @classmethod
     def f32(cls, value: float) -> MemoryTensor:

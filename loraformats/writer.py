@@ -4,10 +4,11 @@ The header is written first, then each tensor in order straight from its source,
 temporary file in the destination directory that is renamed over the destination only once
 complete and synced. On any failure nothing is left behind.
 
-Byte ranges of the inputs are gathered from read-only maps with `writev`, up to IOV_MAX tensors
-per call: the kernel copies them, and a file of thousands of tensors takes a few system calls, so
-the copy never waits for the GIL between tensors while the NaN/Inf scan runs beside it. Other
-tensors (computed, zeros, block diagonals) write themselves in between.
+Byte ranges of the inputs (from read-only maps) and small tensors held in memory (alphas) are
+gathered with `writev`, up to IOV_MAX buffers or 64 MiB per call: the kernel copies them, and a file
+of thousands of tensors takes a few dozen system calls, so the copy seldom waits for the GIL while
+the NaN/Inf scan runs beside it. Other tensors (computed, zeros, block diagonals) write themselves
+in between.
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def write_safetensors(
     overwrite: bool = False,
     while_copying: Callable[[], None] | None = None,
     before_commit: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Write atomically; returns the number of bytes written. `while_copying` runs once the header is
     written, just before the tensor data (to start work that runs beside the copy); `before_commit`
-    runs once the data is written and synced, before the rename: if it raises, nothing is left behind."""
+    runs once the data is written and synced, before the rename: if it raises, nothing is left behind.
+    `progress(done, total)` hears of the tensor bytes written, every 64 MiB or so."""
     dest = Path(dest)
     if dest.is_dir():
         raise UsageError("output is a directory; give a file path", path=dest)
@@ -115,7 +118,7 @@ def write_safetensors(
         _write_all(fd, len(header).to_bytes(8, "little") + header)  # os.write alone may write less
         if while_copying is not None:
             while_copying()
-        _write_data(fd, [tensor for _, tensor in tensors])
+        _write_data(fd, [tensor for _, tensor in tensors], progress)
         if os.fstat(fd).st_size != size:  # a source shrank under us: its tensors were cut short
             raise InvalidFileError(_CHANGED)
         os.fsync(fd)
@@ -135,32 +138,44 @@ def write_safetensors(
     return size
 
 
+#: Called with (tensor bytes written, tensor bytes in all) as a write goes on.
+Progress = Callable[[int, int], None]
+
 _IOV_MAX = 1024  # Linux's; POSIX guarantees at least 16, and writev refuses more than the limit
 if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names:
     _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
 
 
-def _write_data(fd: int, tensors: Sequence[TensorData]) -> None:
+#: Gathered bytes are written once this many are pending (or IOV_MAX ranges), so progress moves.
+_GATHER_BYTES = 64 << 20
+
+
+def _write_data(fd: int, tensors: Sequence[TensorData], progress: Progress | None = None) -> None:
     """Every tensor's bytes in order, at the file position (see the module docstring)."""
+    total, done, pending, told = sum(t.nbytes for t in tensors), 0, 0, 0
     gathered: list[memoryview] = []
+
+    def flush() -> None:
+        nonlocal done, pending, told
+        _write_gathered(fd, gathered)
+        done, pending = done + pending, 0
+        if progress is not None and (done - told >= _GATHER_BYTES or done == total):
+            told = done
+            progress(done, total)
+
     for tensor in tensors:
-        views = _mapped(tensor) if hasattr(os, "writev") else None
+        views = tensor.buffers() if hasattr(os, "writev") else None
         if views is None:
-            _write_gathered(fd, gathered)
+            flush()
             tensor.write_to(fd)
+            pending = tensor.nbytes
+            flush()
             continue
         gathered += views
-        if len(gathered) >= _IOV_MAX:
-            _write_gathered(fd, gathered)
-    _write_gathered(fd, gathered)
-
-
-def _mapped(tensor: TensorData) -> list[memoryview] | None:
-    ranges = tensor.file_ranges()
-    if ranges is None:
-        return None
-    views = [source.mapped(offset, length) for source, offset, length in ranges]
-    return None if None in views else views  # type: ignore[return-value]
+        pending += tensor.nbytes
+        if len(gathered) >= _IOV_MAX or pending >= _GATHER_BYTES:
+            flush()
+    flush()
 
 
 def _write_gathered(fd: int, views: list[memoryview]) -> None:
@@ -206,9 +221,11 @@ def write_directory(
     documents: dict[str, bytes],
     *,
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> int:
     """Write a directory of safetensors files and documents atomically: built beside the
-    destination under a temporary name, then renamed into place (an old one is replaced only then)."""
+    destination under a temporary name, then renamed into place (an old one is replaced only then).
+    `progress` hears of the tensor bytes of all files together."""
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise UsageError("output exists; pass --force to replace it", path=dest)
@@ -222,11 +239,14 @@ def write_directory(
     except OSError as error:
         raise OutputError(f"cannot create a directory in {parent}: {error.strerror}", path=dest) from None
     try:
-        written = 0
+        written, before = 0, 0
+        total = sum(t.nbytes for tensors, _ in files.values() for _, t in tensors)
         for relative, (tensors, metadata) in files.items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            written += write_safetensors(target, tensors, metadata)
+            ahead = None if progress is None else _offset(progress, before, total)
+            written += write_safetensors(target, tensors, metadata, progress=ahead)
+            before += sum(t.nbytes for _, t in tensors)
         for relative, data in documents.items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +273,11 @@ def write_directory(
             raise OutputError(f"writing failed: {error.strerror or error}", path=dest) from None
         raise
     return written
+
+
+def _offset(progress: Progress, before: int, total: int) -> Progress:
+    """One file's progress as part of several: `before` bytes were written by the earlier files."""
+    return lambda done, _: progress(before + done, total)
 
 
 def _check_replaceable(dest: Path, names: set[str]) -> None:
