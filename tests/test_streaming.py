@@ -165,3 +165,22 @@ def test_same_bytes_compares_file_tensors_piece_by_piece(tmp_path):
     assert not a.same_bytes(b) and not a.same_bytes(near) and not a.same_bytes(twin.reshaped((128, 300)))
     for handle in (source, copy, last):
         handle.close()
+
+
+def test_inputs_that_cannot_be_mapped_are_copied_another_way(tmp_path, monkeypatch):
+    """A file system without mmap: each tensor is copied with copy_file_range (or pread + write)."""
+    import mmap
+
+    import loraformats
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    mapped = loraformats.convert(
+        "examples/sd15_tiny_kohya.safetensors", "diffusers", tmp_path / "a.safetensors"
+    )
+    monkeypatch.undo()
+    loraformats.convert("examples/sd15_tiny_kohya.safetensors", "diffusers", tmp_path / "b.safetensors")
+    assert mapped.bytes_written > 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
