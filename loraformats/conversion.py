@@ -204,10 +204,16 @@ def convert(
             settle()
             report.warnings = list(warnings)
             return report
+        copying = scan.start if scan is not None else None
         if target.container == "directory":
-            settle()
             report.bytes_written = write_directory(
-                output_path, files, encoded.documents, overwrite=force, progress=progress
+                output_path,
+                files,
+                encoded.documents,
+                overwrite=force,
+                while_copying=copying,
+                before_commit=settle,
+                progress=progress,
             )
         else:
             tensors, metadata = files[""]
@@ -216,7 +222,7 @@ def convert(
                 tensors,
                 metadata,
                 overwrite=force,
-                while_copying=scan.start if scan is not None else None,
+                while_copying=copying,
                 before_commit=settle,
                 progress=progress,
             )

@@ -1,7 +1,8 @@
 """Lazy tensor handles: a dtype, a shape and a way to produce the bytes.
 
-Renames and reshapes never touch data; a `FileTensor` is copied from its source file with
-`copy_file_range` when written. Only `ComputedTensor` (real maths) imports torch.
+Renames and reshapes never touch data; a `FileTensor`'s bytes are copied by the kernel from its
+source file when written (`buffers` for the writer's `writev`, else `copy_file_range`). Only
+`ComputedTensor` (real maths) imports torch.
 """
 
 from __future__ import annotations

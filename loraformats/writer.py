@@ -152,24 +152,28 @@ _GATHER_BYTES = 64 << 20
 
 def _write_data(fd: int, tensors: Sequence[TensorData], progress: Progress | None = None) -> None:
     """Every tensor's bytes in order, at the file position (see the module docstring)."""
-    total, done, pending, told = sum(t.nbytes for t in tensors), 0, 0, 0
+    total, done, told, pending = sum(t.nbytes for t in tensors), 0, 0, 0
     gathered: list[memoryview] = []
 
-    def flush() -> None:
-        nonlocal done, pending, told
-        _write_gathered(fd, gathered)
-        done, pending = done + pending, 0
-        if progress is not None and (done - told >= _GATHER_BYTES or done == total):
+    def advance(written: int) -> None:
+        nonlocal done, told
+        done += written
+        if progress is not None and done > told and (done - told >= _GATHER_BYTES or done == total):
             told = done
             progress(done, total)
+
+    def flush() -> None:
+        nonlocal pending
+        _write_gathered(fd, gathered)
+        advance(pending)
+        pending = 0
 
     for tensor in tensors:
         views = tensor.buffers() if hasattr(os, "writev") else None
         if views is None:
             flush()
             tensor.write_to(fd)
-            pending = tensor.nbytes
-            flush()
+            advance(tensor.nbytes)
             continue
         gathered += views
         pending += tensor.nbytes
@@ -221,11 +225,14 @@ def write_directory(
     documents: dict[str, bytes],
     *,
     overwrite: bool = False,
+    while_copying: Callable[[], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
     progress: Progress | None = None,
 ) -> int:
     """Write a directory of safetensors files and documents atomically: built beside the
     destination under a temporary name, then renamed into place (an old one is replaced only then).
-    `progress` hears of the tensor bytes of all files together."""
+    `while_copying` runs before the first file is written, `before_commit` once every file is (if it
+    raises, nothing is left behind); `progress` hears of the tensor bytes of all files together."""
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise UsageError("output exists; pass --force to replace it", path=dest)
@@ -241,6 +248,8 @@ def write_directory(
     try:
         written, before = 0, 0
         total = sum(t.nbytes for tensors, _ in files.values() for _, t in tensors)
+        if while_copying is not None:
+            while_copying()
         for relative, (tensors, metadata) in files.items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +261,8 @@ def write_directory(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
             written += len(data)
+        if before_commit is not None:
+            before_commit()
         os.chmod(staging, 0o777 & ~_umask())
         retired = None
         if dest.exists():

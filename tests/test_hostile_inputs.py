@@ -603,19 +603,15 @@ def test_truncated_tensor_bytes_are_an_invalid_file(valid):
             scan_nonfinite(adapters)
 
 
-def test_strict_refuses_nonfinite_weights(tmp_path, capsys):
-    if (
-        "--strict"
-        not in subprocess.run(
-            [sys.executable, "-m", "loraformats", "convert", "--help"], capture_output=True, text=True
-        ).stdout
-    ):
-        pytest.skip("convert --strict is not wired yet")
+@pytest.mark.parametrize(("target", "output_name"), [("diffusers", "out.safetensors"), ("peft", "out_peft")])
+def test_strict_refuses_nonfinite_weights(tmp_path, capsys, target, output_name):
+    """The scan runs beside the copy (file or directory output) and settles before the commit."""
     path = poisoned(tmp_path, torch.float16, {f"{make_corpus.TE}.lora_up.weight": [NAN]})
-    output = tmp_path / "out.safetensors"
-    code = main(["convert", str(path), "--to", "diffusers", "-o", str(output), "--strict"])
+    before = snapshot(tmp_path)
+    output = tmp_path / output_name
+    code = main(["convert", str(path), "--to", target, "-o", str(output), "--strict"])
     err = capsys.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1 and TE in err, err
-    assert not output.exists()
-    assert main(["convert", str(path), "--to", "diffusers", "-o", str(output)]) == 0
-    assert "warning" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before  # no output, no temporary left behind
+    assert main(["convert", str(path), "--to", target, "-o", str(output)]) == 0
+    assert "warning" in capsys.readouterr().err and output.exists()
