@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the NaN/Inf scan (it reads every tensor once)",
     )
+    convert.add_argument(
+        "--fsync",
+        action="store_true",
+        help="flush the output to the device before renaming it into place (survives a power cut)",
+    )
 
     detect = commands.add_parser("detect", help="identify a LoRA file from its header alone")
     detect.add_argument("input")
@@ -143,6 +148,7 @@ def _convert(args: argparse.Namespace) -> int:
             check_values=args.check_values,
             drop=args.drop,
             progress=progress,
+            fsync=args.fsync,
         )
     finally:
         if progress is not None:

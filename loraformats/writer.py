@@ -90,11 +90,16 @@ def write_safetensors(
     while_copying: Callable[[], None] | None = None,
     before_commit: Callable[[], None] | None = None,
     progress: Progress | None = None,
+    fsync: bool = False,
 ) -> int:
-    """Write atomically; returns the number of bytes written. `while_copying` runs once the header is
-    written, just before the tensor data (to start work that runs beside the copy); `before_commit`
-    runs once the data is written and synced, before the rename: if it raises, nothing is left behind.
-    `progress(done, total)` hears of the tensor bytes written, every 64 MiB or so."""
+    """Write atomically; returns the number of bytes written.
+
+    `while_copying` runs once the header is written, just before the tensor data (to start work
+    that runs beside the copy); `before_commit` runs once the data is written, before the rename: if
+    it raises, nothing is left behind. `progress(done, total)` hears of the tensor bytes written,
+    every 64 MiB or so. With `fsync`, the data and then the directory entry are flushed to the
+    device, so the output also survives a power cut; like `cp` and safetensors' `save_file`, the
+    writer otherwise leaves that to the kernel."""
     dest = Path(dest)
     if dest.is_dir():
         raise UsageError("output is a directory; give a file path", path=dest)
@@ -121,13 +126,15 @@ def write_safetensors(
         _write_data(fd, [tensor for _, tensor in tensors], progress)
         if os.fstat(fd).st_size != size:  # a source shrank under us: its tensors were cut short
             raise InvalidFileError(_CHANGED)
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         if before_commit is not None:
             before_commit()
         os.replace(temp, dest)
-        _sync_directory(directory)
+        if fsync:
+            _sync_directory(directory)
     except BaseException as error:
         if fd >= 0:
             os.close(fd)
@@ -228,6 +235,7 @@ def write_directory(
     while_copying: Callable[[], None] | None = None,
     before_commit: Callable[[], None] | None = None,
     progress: Progress | None = None,
+    fsync: bool = False,
 ) -> int:
     """Write a directory of safetensors files and documents atomically: built beside the
     destination under a temporary name, then renamed into place (an old one is replaced only then).
@@ -254,12 +262,12 @@ def write_directory(
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             ahead = None if progress is None else _offset(progress, before, total)
-            written += write_safetensors(target, tensors, metadata, progress=ahead)
+            written += write_safetensors(target, tensors, metadata, progress=ahead, fsync=fsync)
             before += sum(t.nbytes for _, t in tensors)
         for relative, data in documents.items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            _write_document(target, data, fsync)
             written += len(data)
         if before_commit is not None:
             before_commit()
@@ -277,13 +285,23 @@ def write_directory(
             raise
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
-        _sync_directory(parent)
+        if fsync:
+            _sync_directory(staging)
+            _sync_directory(parent)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError):
             raise OutputError(f"writing failed: {error.strerror or error}", path=dest) from None
         raise
     return written
+
+
+def _write_document(path: Path, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        if fsync:
+            file.flush()
+            os.fsync(file.fileno())
 
 
 def _offset(progress: Progress, before: int, total: int) -> Progress:

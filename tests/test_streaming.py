@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from safetensors.torch import load_file, save_file
 
 
@@ -184,3 +185,48 @@ def test_inputs_that_cannot_be_mapped_are_copied_another_way(tmp_path, monkeypat
     loraformats.convert("examples/sd15_tiny_kohya.safetensors", "diffusers", tmp_path / "b.safetensors")
     assert mapped.bytes_written > 0
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_value_scan_thread_yields_the_cpu_and_only_it():
+    import os
+    import threading
+
+    from loraformats.conversion import _yield_cpu
+
+    seen = []
+
+    def probe():
+        me = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, me)
+        _yield_cpu()
+        seen.append((before, os.getpriority(os.PRIO_PROCESS, me)))
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    helper = threading.Thread(target=probe)
+    helper.start()
+    helper.join()
+    assert seen == [(seen[0][0], min(19, seen[0][0] + 5))]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+@pytest.mark.parametrize(
+    ("target", "flag"), [("diffusers", []), ("diffusers", ["--fsync"]), ("peft", ["--fsync"])]
+)
+def test_the_output_is_flushed_to_the_device_only_on_request(tmp_path, monkeypatch, target, flag):
+    """--fsync: every file written, then the directories they were renamed in."""
+    import os
+
+    from loraformats.cli import main
+
+    real_fsync, calls = os.fsync, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    output = tmp_path / "out"
+    source = "examples/sd15_tiny_kohya.safetensors"
+    assert main(["convert", source, "--to", target, "-o", str(output), *flag]) == 0
+    if not flag:
+        assert calls == []
+    elif output.is_dir():  # each file, the directories holding them, the parent of the output
+        assert len(calls) > sum(1 for p in output.rglob("*") if p.is_file()) + 1
+    else:  # the file, then its directory
+        assert len(calls) == 2
