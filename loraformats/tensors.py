@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 _CHUNK = 64 << 20
 _COMPARE = 1 << 16
+_BAND = 256 << 10  # bytes of a block diagonal built at a time: cache-sized
 #: madvise(MADV_POPULATE_READ), Linux 5.14+ (Python 3.11 does not name it).
 _POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
@@ -334,24 +335,34 @@ class BlockDiagonal(TensorData):
             _write_all(fd, rows)
 
     def _row_bands(self) -> Iterator[memoryview]:
-        """The rows of each block in turn: zeros, the block, zeros (bytes, any dtype). One buffer
-        of the tallest band is reused: only the previous block's columns are cleared."""
+        """The rows in turn, about 256 KiB at a time so that every pass stays in the cache: each
+        block fills the columns of a zeroed buffer of its own, whose other columns stay zero."""
         import numpy as np
 
         item = DTYPE_SIZES[self.dtype]
         width = self.shape[1] * item
-        buffer = np.zeros((max(block.shape[0] for block in self.blocks), width), dtype=np.uint8)
-        scratch = memoryview(bytearray(max(block.nbytes for block in self.blocks)))
+        step = max(1, _BAND // width)  # rows per piece
         col = 0
-        for block in self.blocks:
+        for block in map(_row_readable, self.blocks):
             rows, cols = block.shape[0], block.shape[1] * item
-            if block.read_into(scratch) != rows * cols:
-                raise ValueError(f"a {block.dtype}{list(block.shape)} block ended early")
-            band = buffer[:rows]
-            band[:, col : col + cols] = np.frombuffer(scratch, np.uint8, rows * cols).reshape(rows, cols)
-            yield memoryview(band).cast("B")
-            band[:, col : col + cols] = 0
+            band = np.zeros((min(step, rows), width), dtype=np.uint8)
+            scratch = memoryview(bytearray(min(step, rows) * cols))
+            for start in range(0, rows, step):
+                count = min(step, rows - start)
+                if block.rows(start, start + count).read_into(scratch) != count * cols:
+                    raise ValueError(f"a {block.dtype}{list(block.shape)} block ended early")
+                values = np.frombuffer(scratch, np.uint8, count * cols).reshape(count, cols)
+                band[:count, col : col + cols] = values
+                yield memoryview(band[:count]).cast("B")
             col += cols
+
+
+def _row_readable(tensor: TensorData) -> TensorData:
+    """`tensor` if a range of its rows reads only those bytes (a file range, bytes in memory), else
+    its bytes produced once (a computed tensor would be recomputed for every range)."""
+    if isinstance(tensor, (FileTensor, MemoryTensor)):
+        return tensor
+    return MemoryTensor(tensor.read_bytes(), tensor.dtype, tensor.shape)
 
 
 class ReshapedTensor(TensorData):

@@ -118,12 +118,22 @@ def _file_tensors(path, rows: list[tuple[int, int]], seed: int = 0):
     return source, tensors, blobs
 
 
-def test_block_diagonal_of_file_blocks_matches_numpy(tmp_path):
+@pytest.mark.parametrize("band", [1 << 18, 40, 1])  # one piece per block; a few rows; one row
+def test_block_diagonal_of_file_blocks_matches_numpy(tmp_path, monkeypatch, band):
     import numpy as np
 
-    from loraformats.tensors import BlockDiagonal
+    from loraformats import tensors
+    from loraformats.tensors import BlockDiagonal, ComputedTensor
 
+    monkeypatch.setattr(tensors, "_BAND", band)
     source, blocks, blobs = _file_tensors(tmp_path / "blocks.bin", [(5, 2), (3, 4), (7, 1)])
+    computed, calls = blocks[1], []  # a block that must be produced: once per write, whatever the band
+
+    def compute():
+        calls.append(1)
+        return computed.to_torch()
+
+    blocks[1] = ComputedTensor(compute, computed.dtype, computed.shape)
     diagonal = BlockDiagonal(blocks)
     expected = np.zeros((15, 7 * 2), dtype=np.uint8)
     row = col = 0
@@ -134,6 +144,7 @@ def test_block_diagonal_of_file_blocks_matches_numpy(tmp_path):
     with open(out, "wb") as file:
         diagonal.write_to(file.fileno())
     assert out.read_bytes() == diagonal.read_bytes() == expected.tobytes()
+    assert len(calls) == 2  # once for write_to, once for read_bytes
     source.close()
 
 
