@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import format_choice
 from .adapters import Exactness
@@ -24,6 +24,9 @@ from .plugins import registry
 from .report import ConversionReport, Step
 from .schemas import schema_fields
 from .writer import Progress, refuse_overwriting_inputs, write_directory, write_safetensors
+
+if TYPE_CHECKING:
+    from .validation import NonfiniteScan
 
 
 def _format(name: str) -> Format:
@@ -283,31 +286,41 @@ def _drop_step(dropped: list[str]) -> Step:
 
 
 class _ValueScan(threading.Thread):
-    """`scan_nonfinite` in a background thread; `result` waits for it (starting it if nobody did)
-    and re-raises its error."""
+    """The NaN/Inf scan in a background thread of lower priority (`_yield_cpu`). `result` starts it
+    if nobody did, then helps it: the caller, which would only wait, drains the tensors left at its
+    own priority. The thread's error is re-raised."""
 
     def __init__(self, adapters: AdapterSet) -> None:
         super().__init__(name="loraformats-value-scan", daemon=True)
         self.adapters = adapters
-        self.counts: dict[str, int] = {}
         self.error: BaseException | None = None
+        self._scan: NonfiniteScan | None = None
+        self._lock = threading.Lock()
+
+    def _shared(self) -> NonfiniteScan:
+        with self._lock:  # built by whichever thread comes first (numpy is imported there)
+            if self._scan is None:
+                from .validation import NonfiniteScan
+
+                self._scan = NonfiniteScan(self.adapters)
+            return self._scan
 
     def run(self) -> None:
-        from .validation import scan_nonfinite
-
         _yield_cpu()
         try:
-            self.counts = scan_nonfinite(self.adapters)
+            self._shared().drain()
         except BaseException as error:  # handed to the caller at settle time
             self.error = error
 
     def result(self) -> dict[str, int]:
-        if self.ident is None:  # nothing was copied (a dry run, a directory output): scan now
+        if self.ident is None:  # nothing was copied (a dry run): scan now
             self.start()
+        scan = self._shared()
+        scan.drain()
         self.join()
         if self.error is not None:
             raise self.error
-        return self.counts
+        return scan.counts
 
 
 def _yield_cpu(by: int = 5) -> None:

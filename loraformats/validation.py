@@ -6,6 +6,8 @@ never imports torch (conversions that only rename stay torch-free, invariant 8).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .canonical import AdapterSet
@@ -54,22 +56,44 @@ def scan_nonfinite(adapters: AdapterSet) -> dict[str, int]:
     Only modules with at least one such value appear, so an empty dict means the weights are
     finite. Reads each tensor once, a piece at a time.
     """
-    counts: dict[str, int] = {}
-    buffer = bytearray(_CHUNK)  # reused: no page faults
-    for (component, path), adapter in adapters.modules.items():
-        total = 0
-        for role, tensor in adapter.tensors().items():
-            if tensor.dtype not in _NONFINITE_BITS:
-                continue
-            seen = 0
+    scan = NonfiniteScan(adapters)
+    scan.drain()
+    return scan.counts
+
+
+class NonfiniteScan:
+    """`scan_nonfinite` as work that several threads can share: each `drain` takes the next tensor
+    until none is left, so a caller that would otherwise wait for a background scan can help it."""
+
+    def __init__(self, adapters: AdapterSet) -> None:
+        self.path = adapters.provenance.path
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._work = iter(
+            [
+                (f"{component}:{path}", role, tensor)
+                for (component, path), adapter in adapters.modules.items()
+                for role, tensor in adapter.tensors().items()
+                if tensor.dtype in _NONFINITE_BITS
+            ]
+        )
+
+    def drain(self) -> None:
+        buffer = bytearray(_CHUNK)  # reused: no page faults
+        while True:
+            with self._lock:
+                item = next(self._work, None)
+            if item is None:
+                return
+            module, role, tensor = item
+            found = seen = 0
             for piece in tensor.chunks(buffer):
-                total += count_nonfinite(piece, tensor.dtype)
+                found += count_nonfinite(piece, tensor.dtype)
                 seen += len(piece)
             if seen != tensor.nbytes:  # the file shrank after its header was validated
                 raise InvalidFileError(
-                    f"{component}:{path} {role}: read {seen} of {tensor.nbytes} bytes",
-                    path=adapters.provenance.path,
+                    f"{module} {role}: read {seen} of {tensor.nbytes} bytes", path=self.path
                 )
-        if total:
-            counts[f"{component}:{path}"] = total
-    return counts
+            if found:
+                with self._lock:
+                    self.counts[module] = self.counts.get(module, 0) + found

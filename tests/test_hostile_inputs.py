@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from loraformats.cli import main
 from loraformats.errors import InvalidFileError
 from loraformats.header import read_header
 from loraformats.tensors import FileTensor, SourceFile
-from loraformats.validation import _NONFINITE_BITS, count_nonfinite, scan_nonfinite
+from loraformats.validation import _NONFINITE_BITS, NonfiniteScan, count_nonfinite, scan_nonfinite
 from loraformats.writer import write_safetensors
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sd15_tiny_kohya.safetensors"
@@ -524,6 +525,14 @@ def test_nonfinite_values_are_counted_per_module(dtype, tmp_path):
     )
     with loraformats.load(path) as adapters:
         assert scan_nonfinite(adapters) == {TE: 4, UNET: 1}
+        shared = NonfiniteScan(adapters)  # drained by four threads at once, as convert's helps its thread
+        helpers = [threading.Thread(target=shared.drain) for _ in range(4)]
+        for helper in helpers:
+            helper.start()
+        shared.drain()
+        for helper in helpers:
+            helper.join()
+        assert shared.counts == {TE: 4, UNET: 1}
 
 
 def test_finite_weights_report_nothing(valid):
