@@ -142,12 +142,17 @@ FLUX_CASES = {
 
 
 def measure(methods: dict[str, list[str]], out: Path | None, repeats: int) -> dict[str, tuple[float, int]]:
-    """Median wall time and peak RssAnon of each method, alternating methods within each round."""
+    """Median wall time and peak RssAnon of each method, alternating methods within each round.
+
+    Each round starts one method later than the last, so every method takes every place in the
+    order and follows every other: an effect of what ran just before falls on all methods alike."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     peaks: dict[str, int] = dict.fromkeys(methods, 0)
-    for _ in range(repeats):
-        for name, command in methods.items():  # alternate, so drift hits every method alike
-            elapsed, peak = run(command)
+    names = list(methods)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:  # alternate, so drift hits every method alike
+            elapsed, peak = run(methods[name])
             times[name].append(elapsed)
             peaks[name] = max(peaks[name], peak)
             if out is not None:
