@@ -323,10 +323,12 @@ class _ValueScan(threading.Thread):
         return scan.counts
 
 
-def _yield_cpu(by: int = 5) -> None:
-    """Give the calling thread a lower priority (Linux threads each have a nice value): writing to
-    a disk, the copy and the kernel's writeback then keep the CPU, and a 1.8 GB conversion to ext4
-    runs 0.75 s instead of 1.2 s (`cp`: 0.62 s). Elsewhere, or if refused, nothing changes."""
+def _yield_cpu(by: int = 2) -> None:
+    """Give the calling thread a slightly lower priority (Linux threads each have a nice value):
+    writing to a disk, the copy and the kernel's writeback then keep the CPU, and a 1.8 GB
+    conversion to ext4 runs 0.75 s instead of 1.2 s (`cp`: 0.62 s). Only slightly: a thread at
+    +5 got so little CPU in busy spells that most of the scan was left for the end. Elsewhere, or
+    if refused, nothing changes."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError):
