@@ -30,11 +30,7 @@ def read_alphas_of(fmt: Format, parts: list[tuple[Header, list[Match]]]) -> Iter
 
 
 def _value(fmt: Format, header: Header, source: SourceFile, match: Match) -> float:
-    roles = {
-        role: FileTensor(source, header.data_start + info.start, info.dtype, info.shape)
-        for role, name in match.module.tensors.items()
-        for info in (header.tensors[name],)
-    }
+    roles = {role: FileTensor.named(source, header, name) for role, name in match.module.tensors.items()}
     alpha = roles.get("alpha")
     if alpha is None:
         alpha = fmt.module_extras(header, match.component, match.path, roles).get("alpha")

@@ -402,12 +402,7 @@ def assemble_parts(
                 f"{origin[key]} and {match.module.key} adapt the same module {key[1]}", path=where
             )
         source = sources[id(header)]
-        roles = {
-            role: FileTensor(
-                source, header.data_start + header.tensors[name].start, *header.tensors[name][:2]
-            )
-            for role, name in match.module.tensors.items()
-        }
+        roles = {role: FileTensor.named(source, header, name) for role, name in match.module.tensors.items()}
         extras = fmt.module_extras(header, match.component, match.path, roles)
         adapter = ALGORITHMS[match.module.algorithm].from_roles(roles, extras)
         layer = match.component.modules[match.path]

@@ -23,6 +23,8 @@ from .header import DTYPE_SIZES
 if TYPE_CHECKING:
     import torch
 
+    from .header import Header
+
 _CHUNK = 64 << 20
 _COMPARE = 1 << 16
 _BAND = 256 << 10  # bytes of a block diagonal built at a time: cache-sized
@@ -194,6 +196,12 @@ class FileTensor(TensorData):
 
     def __init__(self, source: SourceFile, offset: int, dtype: str, shape: tuple[int, ...]) -> None:
         self.source, self.offset, self.dtype, self.shape = source, offset, dtype, tuple(shape)
+
+    @classmethod
+    def named(cls, source: SourceFile, header: Header, name: str) -> FileTensor:
+        """Tensor `name` of a validated `header`, whose file `source` has open."""
+        info = header.tensors[name]
+        return cls(source, header.data_start + info.start, info.dtype, info.shape)
 
     def read_bytes(self) -> bytes:
         return os.pread(self.source.fd, self.nbytes, self.offset) if self.nbytes else b""

@@ -25,10 +25,7 @@ EXAMPLE = "examples/sd15_tiny_kohya.safetensors"
 def _tensors():
     header = read_header(EXAMPLE)
     source = SourceFile(EXAMPLE)
-    tensors = [
-        (name, FileTensor(source, header.data_start + info.start, info.dtype, info.shape))
-        for name, info in header.tensors.items()
-    ]
+    tensors = [(name, FileTensor.named(source, header, name)) for name in header.tensors]
     return source, [*tensors, ("extra.alpha", MemoryTensor.f32(4.0))]
 
 
