@@ -153,6 +153,8 @@ if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names:
     _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
 
 
+_GATHER = hasattr(os, "writev")  # not on Windows: each tensor then writes itself
+
 #: Gathered bytes are written once this many are pending (or IOV_MAX ranges), so progress moves.
 _GATHER_BYTES = 64 << 20
 
@@ -176,7 +178,7 @@ def _write_data(fd: int, tensors: Sequence[TensorData], progress: Progress | Non
         pending = 0
 
     for tensor in tensors:
-        views = tensor.buffers() if hasattr(os, "writev") else None
+        views = tensor.buffers() if _GATHER else None
         if views is None:
             flush()
             tensor.write_to(fd)
