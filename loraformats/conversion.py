@@ -161,8 +161,8 @@ def convert(
         if dropped:
             steps.append(_drop_step(dropped))
         # The NaN/Inf scan reads every tensor. It starts once the copy does, so that its numpy import
-        # does not take the GIL from planning; the copy and the scan then overlap (copy_file_range, pread
-        # and numpy release the GIL). It settles before the output is committed.
+        # does not take the GIL from planning; the copy and the scan then overlap (writev, pread and
+        # numpy release the GIL). It settles, helped by this thread, before the output is committed.
         scan = _ValueScan(adapters) if check_values else None
 
         def settle() -> None:
